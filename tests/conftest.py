@@ -1,0 +1,40 @@
+"""Shared test fixtures: where the golden fixtures live, and tolerances."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def golden_dir() -> Path:
+    return Path(os.environ.get("STORYMEM_GOLDEN_DIR", REPO.parent / "shared" / "golden")).resolve()
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    d = golden_dir()
+    if not (d / "manifest.json").is_file():
+        pytest.fail(f"golden fixtures not found at {d}: set STORYMEM_GOLDEN_DIR")
+    return d
+
+
+@pytest.fixture(scope="session")
+def golden_manifest(golden) -> dict:
+    return json.loads((golden / "manifest.json").read_text())
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.detach().double().cpu()
+    b = b.detach().double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
