@@ -1,0 +1,368 @@
+"""Story scripts: read the ST-Bench JSON schema, check it, and plan the story's shots.
+
+A story script (the schema of StoryMem's ST-Bench, `story/*.json` upstream):
+
+    {"story_name": "...", "story_overview": "...",
+     "scenes": [{"scene_num": 1,
+                 "video_prompts": ["shot 1 ...", "shot 2 ..."],
+                 "first_frame_prompt": ["...", "..."],      # optional, unused by generation
+                 "cut": [true, false]}, ...]}
+
+`cut[i]` says whether shot i starts with a cut. A shot without a cut continues from the
+previous shot (MI2V / MM2V when enabled), across a scene boundary too. Cut flags may be JSON
+booleans, the strings "true"/"false" in any case (the reference README asks for strings, and
+the reference then treats the string "False" as a cut because `not "False"` is False: we
+parse them), or 0/1. A missing `cut` list means every shot is a cut.
+
+Every problem raises `StoryError("FILE: JSON_PATH: problem; fix")` with a 0-based JSON path
+such as `scenes[2].cut[1]`. Nothing here imports torch: `storymem-rt validate` stays fast.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import StoryError
+
+log = logging.getLogger(__name__)
+
+# The shot modes of storymem_rt.shot.MODES (not imported from there: it pulls in torch).
+MODES = ("t2v", "m2v", "mi2v", "mm2v")
+FIRST_SHOT_MODES = ("t2v", "m2v")
+SEED_POLICIES = ("reference", "unique")
+# torch.Generator.manual_seed takes any 64-bit value; we keep seeds in int64 for manifests.
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One scene: its number from the script and one prompt and one cut flag per shot."""
+
+    num: int
+    prompts: tuple[str, ...]
+    cuts: tuple[bool, ...]
+    first_frame_prompts: tuple[str, ...] | None = None  # kept for manifests; generation ignores it
+
+    def __post_init__(self):
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        object.__setattr__(self, "cuts", tuple(bool(c) for c in self.cuts))
+        if self.first_frame_prompts is not None:
+            object.__setattr__(self, "first_frame_prompts", tuple(self.first_frame_prompts))
+        if not self.prompts:
+            raise ValueError(f"scene {self.num} has no prompts")
+        if len(self.cuts) != len(self.prompts):
+            raise ValueError(f"scene {self.num} has {len(self.cuts)} cut flags for {len(self.prompts)} prompts")
+
+
+@dataclass(frozen=True)
+class Story:
+    name: str
+    overview: str
+    scenes: tuple[Scene, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "scenes", tuple(self.scenes))
+        if not self.scenes:
+            raise ValueError("a story needs at least one scene")
+
+    @property
+    def num_shots(self) -> int:
+        return sum(len(s.prompts) for s in self.scenes)
+
+
+@dataclass(frozen=True)
+class PlannedShot:
+    """One shot of the plan, in render order.
+
+    index: 0-based position in the story; scene: the script's `scene_num`; shot: 1-based
+    position inside the scene; cut: the effective flag (the story's first shot follows
+    nothing, so it is always a cut whatever the script says).
+    """
+
+    index: int
+    scene: int
+    shot: int
+    mode: str
+    seed: int
+    cut: bool
+    prompt: str
+
+    @property
+    def id(self) -> str:
+        """`01_02` = scene 1, shot 2: the stem of this shot's output files."""
+        return f"{self.scene:02d}_{self.shot:02d}"
+
+    def to_json(self) -> dict:
+        return {"scene": self.scene, "shot": self.shot, "mode": self.mode, "seed": self.seed,
+                "cut": self.cut, "prompt": self.prompt}
+
+
+# --------------------------------------------------------------------------- reading
+
+def _kind(value) -> str:
+    """The JSON name of a value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _got(value) -> str:
+    """`a string "2"`, `null`: what a message says it found."""
+    return "null" if value is None else f"{_kind(value)} {_show(value)}"
+
+
+def _show(value, limit: int = 40) -> str:
+    """A value as JSON on one line, shortened: messages stay one line whatever the input."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _n(count: int, word: str, plural: str | None = None) -> str:
+    return f"{count} {word if count == 1 else plural or word + 's'}"
+
+
+class _Checker:
+    """Turns a decoded JSON value into a Story, raising at the first problem with its path."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, path: str, problem: str, fix: str):
+        raise StoryError(f"{self.source}: {path}: {problem}; {fix}")
+
+    def warn(self, path: str, message: str):
+        log.warning("%s: %s: %s", self.source, path, message)
+
+    def text(self, obj: dict, key: str, path: str, default: str) -> str:
+        value = obj.get(key, default)
+        if not isinstance(value, str):
+            self.fail(path, f"must be a string, got {_got(value)}", f'write "{key}": "..."')
+        return value
+
+    def story(self, data) -> Story:
+        if not isinstance(data, dict):
+            self.fail("top level", f"must be a JSON object, got {_kind(data)}",
+                      'write {"story_name": ..., "story_overview": ..., "scenes": [...]}')
+        name = self.text(data, "story_name", "story_name", Path(self.source).stem)
+        overview = self.text(data, "story_overview", "story_overview", "")
+        if "scenes" not in data:
+            keys = ", ".join(sorted(map(str, data))) or "none"
+            self.fail("scenes", f"missing (keys found: {keys})",
+                      'add a "scenes" list of {"scene_num", "video_prompts", "cut"} objects')
+        scenes = data["scenes"]
+        if not isinstance(scenes, list):
+            self.fail("scenes", f"must be a list of scene objects, got {_kind(scenes)}", 'write "scenes": [{...}, ...]')
+        if not scenes:
+            self.fail("scenes", "is empty", "add at least one scene with video_prompts")
+        seen: dict[int, int] = {}
+        out = []
+        for i, raw in enumerate(scenes):
+            scene = self.scene(raw, i, seen)
+            seen[scene.num] = i
+            out.append(scene)
+        self.warnings(out)
+        return Story(name=name, overview=overview, scenes=tuple(out))
+
+    def scene(self, raw, i: int, seen: dict[int, int]) -> Scene:
+        path = f"scenes[{i}]"
+        if not isinstance(raw, dict):
+            self.fail(path, f"must be a scene object, got {_got(raw)}",
+                      'write {"scene_num": N, "video_prompts": [...], "cut": [...]}')
+        keys = ", ".join(sorted(map(str, raw))) or "none"
+        if "scene_num" not in raw:
+            self.fail(f"{path}.scene_num", f"missing (keys found: {keys})", f'add "scene_num": {i + 1}')
+        num = raw["scene_num"]
+        # bool is an int in Python: `true` must not pass as scene 1.
+        if isinstance(num, bool) or not isinstance(num, int):
+            self.fail(f"{path}.scene_num", f"must be an integer, got {_got(num)}",
+                      f'write "scene_num": {i + 1}')
+        if num < 1:
+            self.fail(f"{path}.scene_num", f"must be 1 or more, got {num}", "number scenes from 1")
+        if num in seen:
+            self.fail(f"{path}.scene_num", f"{num} is already used by scenes[{seen[num]}]",
+                      "give every scene its own number")
+
+        ppath = f"{path}.video_prompts"
+        if "video_prompts" not in raw:
+            self.fail(ppath, f"missing (keys found: {keys})", 'add "video_prompts": ["...", ...], one prompt per shot')
+        prompts = raw["video_prompts"]
+        if not isinstance(prompts, list):
+            self.fail(ppath, f"must be a list of prompt strings, got {_kind(prompts)}",
+                      'write "video_prompts": ["...", ...]')
+        if not prompts:
+            self.fail(ppath, "is empty", "give the scene at least one prompt or remove the scene")
+        for j, p in enumerate(prompts):
+            if not isinstance(p, str):
+                self.fail(f"{ppath}[{j}]", f"must be a string, got {_got(p)}", "write the prompt as text")
+            if not p.strip():
+                self.fail(f"{ppath}[{j}]", "is empty", "describe the shot or remove it (and its cut flag)")
+
+        cpath = f"{path}.cut"
+        raw_cuts = raw.get("cut")
+        if raw_cuts is None:
+            cuts = [True] * len(prompts)
+            log.debug("%s: %s: missing: every shot of scene %d is a cut", self.source, cpath, num)
+        else:
+            if not isinstance(raw_cuts, list):
+                self.fail(cpath, f"must be a list of true/false flags, got {_got(raw_cuts)}",
+                          f"write one flag per prompt, e.g. {_show([True] * len(prompts))}")
+            if len(raw_cuts) != len(prompts):
+                self.fail(cpath, f"has {_n(len(raw_cuts), 'flag')} for {_n(len(prompts), 'video prompt')}",
+                          "give exactly one flag per prompt")
+            cuts = [self.cut(v, f"{cpath}[{j}]") for j, v in enumerate(raw_cuts)]
+
+        fpath = f"{path}.first_frame_prompt"
+        ffp = raw.get("first_frame_prompt")
+        if ffp is not None:
+            if not isinstance(ffp, list):
+                self.fail(fpath, f"must be a list of strings, got {_kind(ffp)}", "write one string per prompt or remove it")
+            if len(ffp) != len(prompts):
+                self.fail(fpath, f"has {_n(len(ffp), 'entry', 'entries')} for {_n(len(prompts), 'video prompt')}",
+                          "give one entry per prompt or remove the list (generation does not use it)")
+            for j, p in enumerate(ffp):
+                if not isinstance(p, str):
+                    self.fail(f"{fpath}[{j}]", f"must be a string, got {_got(p)}", "write it as text")
+        return Scene(num=num, prompts=tuple(prompts), cuts=tuple(cuts),
+                     first_frame_prompts=None if ffp is None else tuple(ffp))
+
+    def cut(self, value, path: str) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        self.fail(path, f"{_show(value)} is not a cut flag", 'write true or false (or "True"/"False", 1/0)')
+
+    def warnings(self, scenes: list[Scene]):
+        for i, scene in enumerate(scenes):
+            if scene.cuts[0]:
+                continue
+            if i == 0:
+                self.warn("scenes[0].cut[0]", "the story's first shot has cut=false but follows no shot; "
+                          "it is planned as a cut")
+            else:
+                self.warn(f"scenes[{i}].cut[0]", f"scene {scene.num} starts without a cut: its first shot "
+                          f"continues from the last shot of scene {scenes[i - 1].num} (MI2V/MM2V when enabled)")
+        nums = [s.num for s in scenes]
+        if nums != sorted(nums):
+            self.warn("scenes", f"scene numbers {nums} are not in ascending order; scenes render in file order")
+
+
+def parse_story(data, source: str = "<story>") -> Story:
+    """A Story from an already decoded JSON value; `source` names it in messages."""
+    return _Checker(source).story(data)
+
+
+def load_story(path: str | os.PathLike) -> Story:
+    """Read and check a story script. Raises StoryError with the file, the JSON path and a fix."""
+    source = os.fspath(path)
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise StoryError(f"{source}: no such file; check the path of the story script") from None
+    except IsADirectoryError:
+        raise StoryError(f"{source}: is a folder; pass the story's JSON file") from None
+    except OSError as e:
+        raise StoryError(f"{source}: cannot be read ({e.strerror or e}); check the file and its permissions") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise StoryError(f"{source}: byte {e.start}: not UTF-8 text; save the script as UTF-8 JSON") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise StoryError(f"{source}: line {e.lineno} col {e.colno}: invalid JSON ({e.msg}); "
+                         "fix the syntax there") from None
+    except RecursionError:
+        raise StoryError(f"{source}: nested too deeply to be a story script; check the file") from None
+    return parse_story(data, source)
+
+
+# --------------------------------------------------------------------------- planning
+
+def plan_shots(story: Story, *, first_shot: str = "t2v", mi2v: bool = False, mm2v: bool = False,
+               reference_images: bool = False, seed: int = 0, seed_policy: str = "reference") -> list[PlannedShot]:
+    """The story's shots in render order, each with its mode and seed.
+
+    Matches the reference's pipeline.py: the first shot is T2V (`first_shot="t2v"`) or M2V
+    (`"m2v"`; forced by `reference_images`, MR2V: the images are its memory); every later
+    shot is M2V, or MI2V / MM2V when its cut flag is false and `mi2v` / `mm2v` is on (the
+    previous shot may end the previous scene). Seeds: `seed + i`, i the shot's 0-based
+    index inside its scene (reference: every scene restarts at `seed`), or with
+    `seed_policy="unique"` `seed + index` over the whole story.
+    """
+    if first_shot not in FIRST_SHOT_MODES:
+        raise ValueError(f"first_shot must be one of {FIRST_SHOT_MODES}, got {first_shot!r}")
+    if seed_policy not in SEED_POLICIES:
+        raise ValueError(f"seed_policy must be one of {SEED_POLICIES}, got {seed_policy!r}")
+    if mi2v and mm2v:
+        raise ValueError("mi2v and mm2v cannot both be on: a shot without a cut continues one way")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    shots = []
+    index = 0
+    for scene in story.scenes:
+        for i, (prompt, cut) in enumerate(zip(scene.prompts, scene.cuts)):
+            if index == 0:
+                mode = "m2v" if reference_images or first_shot == "m2v" else "t2v"
+                cut = True
+            elif not cut and mi2v:
+                mode = "mi2v"
+            elif not cut and mm2v:
+                mode = "mm2v"
+            else:
+                mode = "m2v"
+            shot_seed = seed + (i if seed_policy == "reference" else index)
+            if shot_seed > MAX_SEED:
+                raise ValueError(f"seed {seed} + {shot_seed - seed} exceeds {MAX_SEED}; use a smaller seed")
+            shots.append(PlannedShot(index=index, scene=scene.num, shot=i + 1, mode=mode, seed=shot_seed,
+                                     cut=cut, prompt=prompt))
+            index += 1
+    return shots
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """The options that decide a shot plan, as one value a render can record and compare."""
+
+    first_shot: str = "t2v"
+    mi2v: bool = False
+    mm2v: bool = False
+    reference_images: tuple[str, ...] = ()
+    seed: int = 0
+    seed_policy: str = "reference"
+
+    def __post_init__(self):
+        object.__setattr__(self, "reference_images", tuple(os.fspath(p) for p in self.reference_images))
+        if self.first_shot not in FIRST_SHOT_MODES:
+            raise ValueError(f"first_shot must be one of {FIRST_SHOT_MODES}, got {self.first_shot!r}")
+        if self.seed_policy not in SEED_POLICIES:
+            raise ValueError(f"seed_policy must be one of {SEED_POLICIES}, got {self.seed_policy!r}")
+        if self.mi2v and self.mm2v:
+            raise ValueError("mi2v and mm2v cannot both be on")
+        if self.reference_images and self.first_shot != "m2v":
+            raise ValueError("reference images are the first shot's memory: the first shot must be m2v")
+
+    def plan(self, story: Story) -> list[PlannedShot]:
+        return plan_shots(story, first_shot=self.first_shot, mi2v=self.mi2v, mm2v=self.mm2v,
+                          reference_images=bool(self.reference_images), seed=self.seed,
+                          seed_policy=self.seed_policy)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["reference_images"] = list(self.reference_images)
+        return d
