@@ -1,0 +1,168 @@
+"""Where the checkpoints are, and the loaded models of one process.
+
+Upstream layout (what users download):
+    Wan2.2-T2V-A14B/   high_noise_model/ low_noise_model/ models_t5_umt5-xxl-enc-bf16.pth
+                       Wan2.1_VAE.pth google/umt5-xxl/
+    Wan2.2-I2V-A14B/   the same, I2V experts
+    StoryMem/Wan2.2-MI2V-A14B/backbone_{high,low}_noise.pth   (Kevin-thu/StoryMem)
+
+`--models DIR` names a folder holding those three; `--t2v-model`, `--i2v-model`, `--lora`
+name them one by one, as the reference's `--t2v_model_path`, `--i2v_model_path`,
+`--lora_weight_path` do. T5 and VAE files are identical in both Wan folders: loaded once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, download_hint
+
+log = logging.getLogger("storymem_rt")
+
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+VAE_FILE = "Wan2.1_VAE.pth"
+TOKENIZER_DIR = Path("google") / "umt5-xxl"
+EXPERTS = {"high": "high_noise_model", "low": "low_noise_model"}
+LORA_FILES = {"high": "backbone_high_noise", "low": "backbone_low_noise"}
+
+
+def _find_lora_file(folder: Path, expert: str) -> Path:
+    for ext in (".safetensors", ".pth"):
+        p = folder / (LORA_FILES[expert] + ext)
+        if p.is_file():
+            return p
+    raise CheckpointError(
+        f"{folder}: no {LORA_FILES[expert]}.pth or .safetensors (StoryMem LoRA); {download_hint('lora')}")
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    t2v: Path | None
+    i2v: Path | None
+    lora: Path | None
+
+    @classmethod
+    def from_models_dir(cls, models: str | Path) -> "ModelPaths":
+        d = Path(models)
+        if not d.is_dir():
+            raise CheckpointError(f"{d}: models folder does not exist")
+        lora = d / "StoryMem" / "Wan2.2-MI2V-A14B"
+        if not lora.is_dir() and (d / "StoryMem" / LORA_FILES["high"]).with_suffix(".pth").is_file():
+            lora = d / "StoryMem"
+        return cls(t2v=d / "Wan2.2-T2V-A14B", i2v=d / "Wan2.2-I2V-A14B", lora=lora)
+
+    def shared_dir(self) -> Path:
+        """The folder whose T5, tokenizer and VAE we load (either Wan folder has them)."""
+        for d in (self.t2v, self.i2v):
+            if d is not None and (d / T5_FILE).is_file():
+                return d
+        where = " or ".join(str(d) for d in (self.t2v, self.i2v) if d is not None) or "(no model folder given)"
+        raise CheckpointError(f"{where}: {T5_FILE} is missing; {download_hint('t2v')}")
+
+    def check(self, need_t2v: bool, need_m2v: bool) -> None:
+        """Fail before any weight is read if a folder the story needs is absent."""
+        wanted = []
+        if need_t2v:
+            wanted.append(("t2v", self.t2v))
+        if need_m2v:
+            wanted += [("i2v", self.i2v), ("lora", self.lora)]
+        for kind, d in wanted:
+            if d is None:
+                raise CheckpointError(f"the story needs the {kind} checkpoint but none was given; {download_hint(kind)}")
+            if not d.is_dir():
+                raise CheckpointError(f"{d}: folder does not exist; {download_hint(kind, str(d))}")
+            if kind != "lora":
+                for e in EXPERTS.values():
+                    if not (d / e / "config.json").is_file():
+                        raise CheckpointError(f"{d / e}: config.json is missing; {download_hint(kind, str(d))}")
+            else:
+                for e in EXPERTS:
+                    _find_lora_file(d, e)
+        self.shared_dir()
+
+
+class ModelSet:
+    """The models of one process, loaded once and kept.
+
+    `experts(kind)` returns {'high', 'low'} of 't2v' or 'm2v' (I2V + merged LoRA). With
+    `resident=False` only one kind's experts are kept at a time (the other is dropped when
+    the story moves on): the story engine renders all T2V shots before M2V needs memory.
+    """
+
+    def __init__(self, paths: ModelPaths, device="cpu", dtype=torch.float32, lora_rank: int | None = None,
+                 lora_alpha: float | None = None, text_dtype=None, vae_dtype=torch.float32, resident: bool = True):
+        self.paths = paths
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.text_dtype = text_dtype or dtype
+        self.vae_dtype = vae_dtype
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
+        self.resident = resident
+        self._experts: dict[str, dict] = {}
+        self._text = None
+        self._vae = None
+
+    @property
+    def text_encoder(self):
+        if self._text is None:
+            from .text_encoder import TextEncoder
+
+            d = self.paths.shared_dir()
+            self._text = TextEncoder.from_checkpoint(d / T5_FILE, d / TOKENIZER_DIR, device=self.device,
+                                                     dtype=self.text_dtype)
+        return self._text
+
+    def free_text_encoder(self) -> None:
+        self._text = None
+
+    @property
+    def vae(self):
+        if self._vae is None:
+            from .vae import WanVAE
+
+            self._vae = WanVAE.from_checkpoint(self.paths.shared_dir() / VAE_FILE, device=self.device,
+                                               dtype=self.vae_dtype)
+        return self._vae
+
+    def lora_config(self):
+        from .lora import LoraConfig
+
+        if self.lora_rank is None:
+            return None  # inferred from the file, alpha = r, rslora (StoryMem's convention)
+        alpha = self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)
+        return LoraConfig(r=self.lora_rank, alpha=alpha, rslora=True)
+
+    def experts(self, kind: str) -> dict:
+        if kind not in ("t2v", "m2v"):
+            raise ValueError(f"expert kind must be 't2v' or 'm2v', got {kind!r}")
+        if kind in self._experts:
+            return self._experts[kind]
+        if not self.resident:
+            self._experts.clear()
+        from .checkpoint import load_expert
+        from .lora import load_lora
+
+        root = self.paths.t2v if kind == "t2v" else self.paths.i2v
+        if root is None:
+            raise CheckpointError(f"no {'T2V' if kind == 't2v' else 'I2V'} model folder given; "
+                                  f"{download_hint('t2v' if kind == 't2v' else 'i2v')}")
+        out = {}
+        for e, sub in EXPERTS.items():
+            lora = None
+            if kind == "m2v":
+                if self.paths.lora is None:
+                    raise CheckpointError(f"M2V needs the StoryMem LoRA; {download_hint('lora')}")
+                lora = load_lora(_find_lora_file(self.paths.lora, e), self.lora_config())
+            out[e] = load_expert(root / sub, device=self.device, dtype=self.dtype, lora=lora)
+        self._experts[kind] = out
+        return out
+
+
+def read_tiny_meta(models: Path) -> dict | None:
+    p = Path(models) / "storymem_tiny.json"
+    return json.loads(p.read_text()) if p.is_file() else None
