@@ -202,5 +202,152 @@ def validate(story: Path, as_json: bool, plan: PlanSettings) -> None:
     click.echo(f"ok: {counts}")
 
 
+
+# --------------------------------------------------------------------------- make-tiny-models
+
+@main.command("make-tiny-models")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
+def make_tiny_models_cmd(out_dir: Path, seed: int, overwrite: bool) -> None:
+    """Write a tiny model bundle (upstream layouts, deterministic random weights) to OUT_DIR."""
+    from .tiny import make_tiny_models
+
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise click.UsageError(f"{out_dir} is not empty: pass --overwrite or pick another folder")
+    make_tiny_models(out_dir, seed=seed, overwrite=overwrite)
+    click.echo(f"wrote tiny model bundle to {out_dir}")
+
+
+# --------------------------------------------------------------------------- render
+
+def _parse_size(value: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in value.lower().replace("x", "*").split("*"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not WIDTH*HEIGHT, e.g. 832*480") from None
+    if w <= 0 or h <= 0 or w % 16 or h % 16:
+        raise click.BadParameter(f"{value!r}: width and height must be positive multiples of 16 (e.g. 832*480)")
+    return w, h
+
+
+def _explicit(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+
+
+@main.command()
+@click.argument("story", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Output folder (default: out/<story file name>). Rerunning on it resumes.")
+@click.option("--models", default="tiny", show_default=True,
+              help="'tiny' (the embedded tiny bundle, CPU demo) or a folder holding Wan2.2-T2V-A14B/, "
+                   "Wan2.2-I2V-A14B/ and StoryMem/.")
+@click.option("--t2v-model", type=click.Path(path_type=Path), help="Wan2.2-T2V-A14B folder (reference: --t2v_model_path).")
+@click.option("--i2v-model", type=click.Path(path_type=Path), help="Wan2.2-I2V-A14B folder (reference: --i2v_model_path).")
+@click.option("--lora", type=click.Path(path_type=Path), help="Folder with backbone_{high,low}_noise.pth "
+              "(reference: --lora_weight_path).")
+@click.option("--lora-rank", type=click.IntRange(1), default=None,
+              help="LoRA rank, alpha = rank (reference: --lora_rank); default: read from the file.")
+@click.option("--size", default="832*480", show_default=True, help="WIDTH*HEIGHT of every shot (reference: --size).")
+@click.option("--frame-num", type=click.IntRange(5), default=81, show_default=True, help="Frames per shot, 4n+1.")
+@click.option("--sample-steps", type=click.IntRange(1), default=40, show_default=True)
+@click.option("--sample-solver", type=click.Choice(["unipc", "dpm++"]), default="unipc", show_default=True)
+@click.option("--sample-guide-scale", type=float, default=3.5, show_default=True)
+@click.option("--max-memory-size", type=click.IntRange(1), default=10, show_default=True,
+              help="Most memory frames a shot sees (reference: --max_memory_size).")
+@click.option("--fix", type=click.IntRange(0), default=3, show_default=True,
+              help="The first N keyframes stay in memory (reference: --fix).")
+@click.option("--no-quality-filter", is_flag=True, help="Accept every frame as a keyframe candidate.")
+@click.option("--clip-weights", default=None, help="open_clip ViT-B-32 OpenAI weights (file or cache folder); "
+              "with --models tiny a seeded random CLIP is used.")
+@click.option("--reference-mi2v-bug", is_flag=True, help="Reproduce the reference's MI2V (which conditions on "
+              "an all-zeros clip instead of the previous shot's last frame).")
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+              help="DiT compute dtype (default: bfloat16 on GPU, float32 on CPU).")
+@click.option("--offload", is_flag=True, help="Keep only the active model's experts on the device.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@plan_options
+def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model, lora, lora_rank, size,
+           frame_num, sample_steps, sample_solver, sample_guide_scale, max_memory_size, fix, no_quality_filter,
+           clip_weights, reference_mi2v_bug, device, dtype, offload, no_progress, plan: PlanSettings) -> None:
+    """Render STORY into one video, shot by shot, in this process."""
+    ctx = click.get_current_context()
+    s = load_story(story)
+    shots = make_plan(plan, s)
+    w_h = _parse_size(size)
+    if (frame_num - 1) % 4:
+        raise click.BadParameter(f"{frame_num} is not 4n+1 (e.g. 81)", param_hint="--frame-num")
+    if fix > max_memory_size:
+        raise click.BadParameter(f"--fix {fix} is larger than --max-memory-size {max_memory_size}", param_hint="--fix")
+    for p in plan.reference_images:
+        from .media import load_image
+
+        load_image(p)  # a broken image fails here, before anything is written
+
+    import torch
+
+    from .keyframes import KeyframeSelector, default_quality_scorer, load_clip, random_clip
+    from .models import ModelPaths, ModelSet, read_tiny_meta
+    from .story import RenderSettings, StoryRenderer
+    from .tiny import ensure_tiny_models
+
+    tiny = models == "tiny" and not (t2v_model or i2v_model or lora)
+    if tiny:
+        root = ensure_tiny_models()
+        meta = read_tiny_meta(root)
+        d = meta["render_defaults"]
+        if not _explicit(ctx, "size"):
+            w_h = tuple(d["size"])
+        if not _explicit(ctx, "frame_num"):
+            frame_num = d["frame_num"]
+        if not _explicit(ctx, "sample_steps"):
+            sample_steps = d["sample_steps"]
+        paths = ModelPaths.from_models_dir(root)
+        identity = f"tiny-v{meta['format']}-seed{meta['seed']}"
+    else:
+        base = ModelPaths.from_models_dir(models) if models != "tiny" else ModelPaths(None, None, None)
+        paths = ModelPaths(t2v=t2v_model or base.t2v, i2v=i2v_model or base.i2v, lora=lora or base.lora)
+        identity = json.dumps({k: str(Path(v).resolve()) if v else None for k, v in vars(paths).items()})
+    need_t2v = any(sh.mode == "t2v" for sh in shots)
+    need_m2v = any(sh.mode != "t2v" for sh in shots)
+    paths.check(need_t2v, need_m2v)
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
+    try:
+        settings = RenderSettings(
+            plan=plan, size=w_h, frame_num=frame_num, sample_steps=sample_steps, solver=sample_solver,
+            guide_scale=(sample_guide_scale, sample_guide_scale), max_memory_size=max_memory_size, fix=fix,
+            quality_filter="none" if no_quality_filter else "auto", reference_mi2v_bug=reference_mi2v_bug,
+            lora_rank=lora_rank, dtype=dt, models=identity)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    out_dir = out_dir or Path("out") / story.stem
+    model_set = ModelSet(paths, device=dev, dtype=getattr(torch, dt), lora_rank=lora_rank,
+                         text_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
+                         resident=not offload)
+    clip = random_clip(seed=0, device=dev) if tiny and clip_weights is None else load_clip(clip_weights, device=dev)
+    selector = KeyframeSelector(clip, default_quality_scorer(not no_quality_filter, device=dev),
+                                max_keyframes=settings.max_keyframes, device=dev)
+    renderer = StoryRenderer(model_set, selector, settings, out_dir, progress=not no_progress)
+    manifest = renderer.render(s, shots)
+    _print_summary(out_dir, manifest)
+
+
+def _print_summary(out_dir: Path, manifest: dict) -> None:
+    rows = manifest["shots"]
+    keys = ["load", "vae_encode", "dit", "vae_decode", "keyframes", "write"]
+    click.echo(f"{'shot':<6} {'mode':<5}" + "".join(f"{k:>11}" for k in keys) + f"{'memory':>8}{'keyframes':>10}")
+    for sid in sorted(rows, key=lambda k: rows[k]["index"]):
+        r = rows[sid]
+        t = r["timings"]
+        click.echo(f"{sid:<6} {r['mode']:<5}" + "".join(f"{t.get(k, 0.0):>10.2f}s" for k in keys)
+                   + f"{len(r['memory']):>8}{len(r['keyframes']):>10}")
+    tt = manifest.get("timings_this_run", {})
+    click.echo(f"text encode {tt.get('text_encode', 0.0):.2f}s, final video + storyboard {tt.get('final', 0.0):.2f}s")
+    click.echo(f"story video: {out_dir / manifest['final']['video']} ({manifest['final']['frames']} frames); "
+               f"storyboard: {out_dir / manifest['final']['storyboard']}; manifest: {out_dir / 'render.json'}")
+
 if __name__ == "__main__":
     main()
