@@ -30,6 +30,7 @@ setup(
         "numpy",
         "pillow",
         "av>=12",
+        "open_clip_torch>=2.24",
     ],
     extras_require={
         "tensorrt": ["tensorrt>=10", "torch-tensorrt"],
