@@ -442,22 +442,24 @@ class KeyframeSelector:
         with _ieee_fp32_matmul():
             return F.normalize(self.clip.encode_image(x).float(), dim=-1)
 
-    @torch.inference_mode()
-    def embed(self, frames: torch.Tensor, *, selection_resize: bool = True,
-              _keep_resized: list | None = None) -> torch.Tensor:
+    def embed(self, frames: torch.Tensor, *, selection_resize: bool = True) -> torch.Tensor:
         """`[N, 3, H, W]` uint8 or float in [-1, 1] -> `[N, E]` L2-normalised embeddings.
 
         `selection_resize=True`: of the smart-resized frames (what the selection compares);
         False: of the full frames (what the memory dedupe compares: keyframes, reference
         images). Chunks of `chunk_size` frames bound device memory."""
+        return self._embed(frames, selection_resize, None)
+
+    @torch.inference_mode()
+    def _embed(self, frames: torch.Tensor, selection_resize: bool, keep: list | None) -> torch.Tensor:
         if frames.ndim != 4 or frames.shape[1] != 3 or frames.shape[0] == 0:
             raise ValueError(f"expected frames [N>0, 3, H, W], got shape {tuple(frames.shape)}")
         out = []
         for chunk in frames.split(self.chunk_size):
             u8 = frames_to_uint8(chunk.to(self.device))
             x = resize_for_selection(u8) if selection_resize else u8.float()
-            if _keep_resized is not None:
-                _keep_resized.append(x)
+            if keep is not None:  # the quality scorer sees the resized frames, as in the reference
+                keep.append(x)
             out.append(self._encode(clip_preprocess(x)))
         return torch.cat(out)
 
@@ -466,7 +468,7 @@ class KeyframeSelector:
         frames already in memory (the reference compares against every keyframe saved so far
         in the story folder, not only the current memory window)."""
         resized: list[torch.Tensor] = []
-        emb = self.embed(frames, _keep_resized=resized)
+        emb = self._embed(frames, True, resized)
         sims = _pair_sims(emb, emb)
         passes = self._quality(resized, emb)
         candidates, used = adaptive_keyframes(sims, passes, self.threshold, self.max_keyframes, self.alpha)

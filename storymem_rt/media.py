@@ -293,7 +293,7 @@ def save_image(path: str | os.PathLike, image) -> Path:
     [-1, 1] (rounded as torchvision save_image), or a PIL image."""
     rgb = image_to_uint8(image)
     with atomic_path(path) as tmp:
-        Image.fromarray(rgb, mode="RGB").save(tmp)
+        Image.fromarray(rgb).save(tmp)
     return Path(path)
 
 
@@ -350,7 +350,7 @@ def storyboard(rows: Sequence[tuple[str, Sequence]], path: str | os.PathLike, *,
     for _, images in rows:
         row = []
         for img in images:
-            rgb = Image.fromarray(image_to_uint8(img), mode="RGB")
+            rgb = Image.fromarray(image_to_uint8(img))
             tw = max(1, round(rgb.width * thumb_height / rgb.height))
             row.append(rgb.resize((tw, thumb_height), Image.Resampling.LANCZOS))
         thumbs.append(row)
