@@ -1,0 +1,479 @@
+"""Flash attention over [memory ; shot] tokens, reading the projection layout directly.
+
+q [B, Lq, H, D], k and v [B, Lk, H, D] (D = 128; any lengths; the layout the q/k/v projections
+and `qk_norm_rope` write, i.e. [B, L, H*D] viewed per head: no transposes) -> out [B, Lq, H, D].
+Non-causal, one softmax over all keys (the memory frames are ordinary keys at shifted RoPE
+positions), fp32 accumulation.
+
+Modes (`_attn_fwd_kernel`'s MODE):
+- 0 "bf16": bf16 Q.K and P.V on the tensor cores.
+- 1 "int8-fp8" (SageAttention2-style): Q as INT8 with one scale per (token, head); K smoothed
+  by its mean over tokens (exact: softmax ignores a per-row constant) and INT8 with one scale
+  per block of `k_block` tokens; P scaled by 448 into e4m3's range, V smoothed by its mean
+  (added back at the end, exact since softmax rows sum to 1) and e4m3 with one scale per
+  channel, transposed to [B, H, D, L] because Hopper's FP8 MMA wants V K-major.
+- 2 "int8": INT8 Q.K as in mode 1, bf16 P.V.
+
+Error against float64 on RMS-normalised, RoPE-rotated random inputs at L = 48k (docs/PERF.md):
+bf16 2.3e-3; int8 1.2e-2; int8-fp8 ~3.6e-2. On random data the output is an incoherent sum, so
+every per-element rounding of P and V shows up in full: e4m3 rounds each element with ~2.6% rms
+relative error, so FP8 P alone costs ~2.6e-2 whatever the scaling; V's rounding costs ~2e-2
+once the mean of its rounding errors per channel is taken off the output (`quantize_qkv`).
+
+`attention(q, k, v, impl="auto")` is what the engine calls: per shape it times our bf16 kernel
+against cuDNN SDPA once and keeps the faster.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._triton import device_supports_tma, jit, use_triton
+
+log = logging.getLogger("storymem_rt.kernels.attention")
+
+LOG2E = 1.4426950408889634
+FP8_MAX = 448.0
+MODES = {"bf16": 0, "int8-fp8": 1, "int8": 2}
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.4
+    TensorDescriptor = None
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """float64 softmax(q k^T * scale) v over [B, L, H, D] tensors."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
+    p = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)
+    return (p @ v).transpose(1, 2)
+
+
+def quantize_qkv_ref(q, k, v, k_block: int = 128):
+    """The quantization of modes 1/2 in plain torch (float32 math). Returns dequantized fp32 q, k, v
+    [B, L, H, D] (k and v smoothed: without their means), k's mean, and the shift added to the
+    output: v's mean less the mean rounding error of v (see quantize_qkv)."""
+    qf, kf, vf = q.float(), k.float(), v.float()
+    qs = qf.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
+    qd = _round_half_away(qf / qs).clamp(-127, 127) * qs
+    k_mean = kf.mean(1, keepdim=True)
+    kc = kf - k_mean
+    B, L, H, D = kc.shape
+    nb = -(-L // k_block)
+    kp = torch.nn.functional.pad(kc, (0, 0, 0, 0, 0, nb * k_block - L)).reshape(B, nb, k_block, H, D)
+    ks = kp.abs().amax(dim=(2, 4), keepdim=True).clamp_min(1e-12) / 127
+    kd = (_round_half_away(kp / ks).clamp(-127, 127) * ks).reshape(B, nb * k_block, H, D)[:, :L]
+    v_mean = vf.mean(1, keepdim=True)
+    vc = vf - v_mean
+    vs = vc.abs().amax(1, keepdim=True).clamp_min(1e-12) / FP8_MAX
+    vd = (vc / vs).to(torch.float8_e4m3fn).float() * vs
+    v_shift = v_mean - (vd - vc).mean(1, keepdim=True)
+    return qd, kd, vd, k_mean, v_shift
+
+
+def _round_half_away(x):
+    return torch.trunc(x + torch.where(x >= 0, 0.5, -0.5))
+
+
+def attention_lp_ref(q, k, v, scale: float | None = None, mode: str = "int8-fp8", k_block: int = 128):
+    """What modes 1/2 compute, emulated in torch: quantized q, k (and v for mode 1), P rounded to
+    e4m3 after scaling by 448 (mode 1) with the exact row max (the kernel's running max only
+    changes which values round where). float64 out."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qd, kd, vd, _, v_shift = quantize_qkv_ref(q, k, v, k_block)
+    qd, kd = qd.double().transpose(1, 2), kd.double().transpose(1, 2)
+    s = (qd @ kd.transpose(-1, -2)) * scale
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    l = p.sum(-1, keepdim=True)
+    if mode == "int8-fp8":
+        p8 = (p * FP8_MAX).float().to(torch.float8_e4m3fn).double() / FP8_MAX
+        o = (p8 @ vd.double().transpose(1, 2)) / l + v_shift.double().transpose(1, 2)
+    elif mode == "int8":
+        o = (p.bfloat16().double() @ v.bfloat16().double().transpose(1, 2)) / l
+    else:
+        raise ValueError(f"mode must be 'int8-fp8' or 'int8', got {mode!r}")
+    return o.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@jit
+def _attn_step(acc, l_i, m_i, q, row_fac, desc_k, desc_v, KS, kv_row, kv_col, vt_row, n0, Lk,
+               BLOCK_N: tl.constexpr, MODE: tl.constexpr, K_BLOCK: tl.constexpr, MASK: tl.constexpr,
+               DOT_F32: tl.constexpr):
+    k = desc_k.load([kv_row + n0, kv_col])
+    if MODE == 0:
+        if DOT_F32:
+            s = tl.dot(q.to(tl.float32), k.to(tl.float32).T)
+        else:
+            s = tl.dot(q, k.T)
+        fac = row_fac
+        base = tl.zeros_like(fac)
+    else:
+        # |q.k| <= 127 * 127 * D < 2^22: int32 -> fp32 by adding the bit pattern of 1.5 * 2^23 and
+        # reinterpreting (the float is exactly q.k + 12582912). Saves a conversion per element, which
+        # would run on the same slow unit as exp2; the offset folds into the FMA below.
+        s = (tl.dot(q, k.T) + 0x4B400000).to(tl.float32, bitcast=True)
+        fac = row_fac * tl.load(KS + n0 // K_BLOCK)
+        base = 12582912.0 * fac
+    if MASK:
+        # keys past Lk: zero-filled by TMA at the end of the tensor, the next sample's keys otherwise
+        s = tl.where((n0 + tl.arange(0, BLOCK_N))[None, :] < Lk, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * fac - base)
+    # mode 1: P scaled into e4m3's range (max 448 = 2^8.807) through the exponent; l_i carries the
+    # same factor, so it cancels at the end
+    sub = base + m_new - (8.807354922057604 if MODE == 1 else 0.0)
+    x = s * fac[:, None] - sub[:, None]
+    alpha = tl.math.exp2(m_i - m_new)
+    if MODE == 1:
+        p = tl.math.exp2(x)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = desc_v.load([vt_row, n0])
+        acc = tl.dot(p.to(tl.float8e4nv), vt.T, acc * alpha[:, None])
+    else:
+        acc = acc * alpha[:, None]
+        p = tl.math.exp2(x)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = desc_v.load([kv_row + n0, kv_col])
+        if DOT_F32:
+            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@jit
+def _attn_fwd_kernel(desc_q, desc_k, desc_v, O, QS, KS, VS, VM,
+                     Lq, Lk, H, n_kblk, stride_ob, stride_ol, qk_scale,
+                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     MODE: tl.constexpr, K_BLOCK: tl.constexpr, WS: tl.constexpr,
+                     DOT_F32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh - b * H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    # rows past Lq read the next sample's queries (or TMA zeros); they are never stored
+    q = desc_q.load([b * Lq + pid_m * BLOCK_M, h * D])
+    # Triton 3.8's interpreter multiplies bf16 bit patterns as integers: DOT_F32 upcasts there
+    if MODE == 0:
+        row_fac = tl.zeros([BLOCK_M], dtype=tl.float32) + qk_scale
+    else:
+        qs = tl.load(QS + (b.to(tl.int64) * Lq + offs_m) * H + h, mask=offs_m < Lq, other=1.0)
+        row_fac = qs * qk_scale
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    kv_row = b * Lk
+    kv_col = h * D
+    vt_row = bh * D
+    ks_ptr = KS + bh * n_kblk
+    n_full = Lk // BLOCK_N
+    if WS:
+        for j in tl.range(0, n_full, warp_specialize=True):
+            acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, row_fac, desc_k, desc_v, ks_ptr, kv_row, kv_col,
+                                       vt_row, j * BLOCK_N, Lk, BLOCK_N, MODE, K_BLOCK, False, DOT_F32)
+    else:
+        for j in range(0, n_full):
+            acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, row_fac, desc_k, desc_v, ks_ptr, kv_row, kv_col,
+                                       vt_row, j * BLOCK_N, Lk, BLOCK_N, MODE, K_BLOCK, False, DOT_F32)
+    if n_full * BLOCK_N < Lk:
+        acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, row_fac, desc_k, desc_v, ks_ptr, kv_row, kv_col,
+                                   vt_row, n_full * BLOCK_N, Lk, BLOCK_N, MODE, K_BLOCK, True, DOT_F32)
+    acc = acc / l_i[:, None]
+    if MODE == 1:
+        vs = tl.load(VS + bh * D + offs_d)
+        vm = tl.load(VM + bh * D + offs_d)
+        acc = acc * vs[None, :] + vm[None, :]
+    o_ptr = O + b.to(tl.int64) * stride_ob + offs_m[:, None].to(tl.int64) * stride_ol + h * D + offs_d[None, :]
+    tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=offs_m[:, None] < Lq)
+
+
+@jit
+def _quant_qk_kernel(X, XM, O, S, L, H, n_blk, stride_xb, stride_xl,
+                     D: tl.constexpr, BLOCK: tl.constexpr, PER_TOKEN: tl.constexpr, SMOOTH: tl.constexpr):
+    """X [B, L, H, D] -> O int8 [B, L, H, D]; S [B, L, H] (PER_TOKEN) or [B, H, n_blk] (per block)."""
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh - b * H
+    offs = pid_t * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    rm = offs[:, None] < L
+    x = tl.load(X + b.to(tl.int64) * stride_xb + offs[:, None].to(tl.int64) * stride_xl + h * D + offs_d[None, :],
+                mask=rm, other=0.0).to(tl.float32)
+    if SMOOTH:
+        x = tl.where(rm, x - tl.load(XM + bh * D + offs_d)[None, :], 0.0)
+    if PER_TOKEN:
+        scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / 127.0
+        tl.store(S + (b.to(tl.int64) * L + offs) * H + h, scale, mask=offs < L)
+        v = x / scale[:, None]
+    else:
+        scale = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-12) / 127.0
+        tl.store(S + bh * n_blk + pid_t, scale)
+        v = x / scale
+    v = tl.where(v >= 0, v + 0.5, v - 0.5)  # fp32 -> int truncates: round half away from 0
+    tl.store(O + (b.to(tl.int64) * L + offs[:, None]) * (H * D) + h * D + offs_d[None, :], v.to(tl.int8), mask=rm)
+
+
+@jit
+def _quant_v_kernel(X, XM, XS, O, E, L, Lp, H, stride_xb, stride_xl, D: tl.constexpr, BLOCK: tl.constexpr):
+    """X [B, L, H, D] -> O e4m3 [B, H, D, Lp] = (x - mean) / scale per channel, zeros past L;
+    E [n_blocks, B, H, D]: this block's sum of rounding errors (in scaled units) per channel."""
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh - b * H
+    offs = pid_t * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    rm = offs[:, None] < L
+    x = tl.load(X + b.to(tl.int64) * stride_xb + offs[:, None].to(tl.int64) * stride_xl + h * D + offs_d[None, :],
+                mask=rm, other=0.0).to(tl.float32)
+    x = tl.where(rm, (x - tl.load(XM + bh * D + offs_d)[None, :]) / tl.load(XS + bh * D + offs_d)[None, :], 0.0)
+    xq = x.to(O.dtype.element_ty)
+    tl.store(E + (pid_t * tl.num_programs(1) + bh) * D + offs_d, tl.sum(xq.to(tl.float32) - x, axis=0))
+    o_ptr = O + (bh.to(tl.int64) * D + offs_d[:, None]) * Lp + offs[None, :]
+    tl.store(o_ptr, tl.trans(xq), mask=offs[None, :] < Lp)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    block_m: int = 128
+    block_n: int = 128
+    num_warps: int = 8
+    num_stages: int = 2
+    warp_specialize: bool = False
+
+
+# Tuned on H100 (torch 2.11, Triton 3.6) at L = 48360, H = 40, D = 128 (bench/kernels.py --sweep;
+# kernels/NOTES.md has the sweeps).
+DEFAULT_CONFIGS = {
+    "bf16": AttnConfig(128, 128, 8, 3),
+    "int8-fp8": AttnConfig(64, 128, 4, 3),  # 104 KB of shared memory: two programs per SM
+    "int8": AttnConfig(128, 64, 4, 4),
+}
+# Small blocks keep the CPU interpreter quick.
+INTERPRETER_CONFIG = AttnConfig(32, 16, 4, 1)
+K_BLOCK = 128  # tokens per INT8 scale of K (a multiple of block_n)
+
+
+def _check_qkv(q, k, v):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, L, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match "
+                         "([B, Lq, H, D], [B, Lk, H, D], [B, Lk, H, D])")
+
+
+def _rows2d(t: torch.Tensor) -> torch.Tensor:
+    """[B, L, H, D] with packed heads -> the same memory as [B*L, H*D] (copies only if the layout is foreign)."""
+    B, L, H, D = t.shape
+    if not (t.stride(3) == 1 and t.stride(2) == D and t.stride(0) == L * t.stride(1)
+            and (t.stride(1) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0):
+        t = t.contiguous()
+    return t
+
+
+def _desc(t: torch.Tensor, block: list[int]):
+    B, L, H, D = t.shape
+    return TensorDescriptor(t, [B * L, H * D], [t.stride(1), 1], block)
+
+
+def quantize_qkv(q, k, v, mode: str, k_block: int = K_BLOCK, block: int = 128):
+    """Device-side quantization for modes 1/2 (see module docstring). Returns the kernel's inputs."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    dev = q.device
+    q8 = torch.empty((B, Lq, H, D), dtype=torch.int8, device=dev)
+    qs = torch.empty((B, Lq, H), dtype=torch.float32, device=dev)
+    k8 = torch.empty((B, Lk, H, D), dtype=torch.int8, device=dev)
+    n_kblk = triton.cdiv(Lk, k_block)
+    ks = torch.empty((B, H, n_kblk), dtype=torch.float32, device=dev)
+    k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()  # [B, H, D]
+    _quant_qk_kernel[(triton.cdiv(Lq, block), B * H)](
+        q, q, q8, qs, Lq, H, 1, q.stride(0), q.stride(1), D=D, BLOCK=block, PER_TOKEN=True, SMOOTH=False)
+    _quant_qk_kernel[(n_kblk, B * H)](
+        k, k_mean, k8, ks, Lk, H, n_kblk, k.stride(0), k.stride(1), D=D, BLOCK=k_block,
+        PER_TOKEN=False, SMOOTH=True)
+    if mode == "int8":
+        return q8, qs, k8, ks, v, None, None
+    v_mean = v.mean(dim=1, dtype=torch.float32).contiguous()
+    vmin, vmax = torch.aminmax(v, dim=1)
+    v_scale = (torch.maximum(vmax.float() - v_mean, v_mean - vmin.float()).clamp_min(1e-12) / FP8_MAX).contiguous()
+    Lp = triton.cdiv(Lk, 16) * 16  # TMA wants 16-byte row strides
+    vt = torch.empty((B, H, D, Lp), dtype=torch.float8_e4m3fn, device=dev)
+    n_vblk = triton.cdiv(Lp, block)
+    err = torch.empty((n_vblk, B, H, D), dtype=torch.float32, device=dev)
+    _quant_v_kernel[(n_vblk, B * H)](
+        v, v_mean, v_scale, vt, err, Lk, Lp, H, v.stride(0), v.stride(1), D=D, BLOCK=block)
+    # The rounding errors of one channel do not average out over the keys: their mean (~2x its
+    # random size after smoothing, 2.5e-4 of |v| at L = 48k) adds to every output row coherently,
+    # while the output itself shrinks like 1/sqrt(L). Taking it off the shift costs nothing.
+    v_shift = (v_mean - err.sum(0) * v_scale / Lk).contiguous()
+    return q8, qs, k8, ks, vt, v_scale, v_shift
+
+
+def _launch_attention(q, k, v, scale: float, mode: str, config: AttnConfig | None = None,
+                      k_block: int = K_BLOCK) -> torch.Tensor:
+    if TensorDescriptor is None:
+        raise RuntimeError("our attention kernel needs triton >= 3.4 (tensor descriptors)")
+    if not device_supports_tma(q):
+        raise RuntimeError("our attention kernel needs a Hopper (sm_90) or newer GPU; use impl='sdpa'")
+    cfg = config or (INTERPRETER_CONFIG if q.device.type == "cpu" else DEFAULT_CONFIGS[mode])
+    if k_block % cfg.block_n:
+        raise ValueError(f"k_block {k_block} must be a multiple of block_n {cfg.block_n}")
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    if D not in (64, 128):
+        raise ValueError(f"head dim must be 64 or 128, got {D}")
+    out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=q.device)
+    md = MODES[mode]
+    q, k, v = (_rows2d(t) for t in (q, k, v))
+    if md == 0:
+        qs = ks = vs = vm = out  # unused
+        n_kblk = 1
+        dv = _desc(v, [cfg.block_n, D])
+    else:
+        q, qs, k, ks, vq, vs, vm = quantize_qkv(q, k, v, mode, k_block)
+        n_kblk = ks.shape[-1]
+        if md == 1:
+            dv = TensorDescriptor(vq, [B * H * D, vq.shape[-1]], [vq.shape[-1], 1], [D, cfg.block_n])
+        else:
+            dv = _desc(vq, [cfg.block_n, D])
+            vs = vm = out  # unused
+    dq = _desc(q, [cfg.block_m, D])
+    dk = _desc(k, [cfg.block_n, D])
+    grid = (triton.cdiv(Lq, cfg.block_m), B * H)
+    _attn_fwd_kernel[grid](
+        dq, dk, dv, out, qs, ks, vs, vm, Lq, Lk, H, n_kblk, out.stride(0), out.stride(1), scale * LOG2E,
+        D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=md, K_BLOCK=k_block, WS=cfg.warp_specialize,
+        DOT_F32=q.device.type == "cpu", num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+@torch.library.custom_op("storymem::flash_attention", mutates_args=())
+def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mode: str) -> torch.Tensor:
+    if not use_triton(q):
+        if mode == "bf16":
+            return attention_ref(q, k, v, scale).to(torch.bfloat16)
+        return attention_lp_ref(q, k, v, scale, mode).to(torch.bfloat16)
+    return _launch_attention(q, k, v, scale, mode)
+
+
+@_flash_attention_op.register_fake
+def _(q, k, v, scale, mode):
+    return q.new_empty(q.shape, dtype=torch.bfloat16)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                    mode: str = "bf16") -> torch.Tensor:
+    """Our kernel. q [B, Lq, H, D], k, v [B, Lk, H, D] bf16 -> [B, Lq, H, D] bf16; mode in MODES."""
+    _check_qkv(q, k, v)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+    if q.dtype != torch.bfloat16 or k.dtype != torch.bfloat16 or v.dtype != torch.bfloat16:
+        raise ValueError(f"q, k, v must be bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.storymem.flash_attention(q, k, v, scale, mode)
+
+
+# ----------------------------------------------------------------------------- engine helper
+
+
+def sdpa(q, k, v, scale: float | None = None, backend: str | None = "cudnn") -> torch.Tensor:
+    """torch SDPA on [B, L, H, D] views (strided, no copies in), out [B, Lq, H, D]."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if backend is None:
+        return F.scaled_dot_product_attention(qt, kt, vt, scale=scale).transpose(1, 2)
+    with sdpa_kernel(backends[backend]):
+        return F.scaled_dot_product_attention(qt, kt, vt, scale=scale).transpose(1, 2)
+
+
+_AUTO_CHOICE: dict[tuple, str] = {}
+
+
+def _time_ms(fn, reps: int = 3) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _auto_choice(q, k, v, scale) -> str:
+    key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device.index)
+    choice = _AUTO_CHOICE.get(key)
+    if choice is not None:
+        return choice
+    if torch.compiler.is_compiling():
+        return "sdpa"  # no timing while tracing; eager calls fill the cache
+    try:
+        t_ours = _time_ms(lambda: flash_attention(q, k, v, scale))
+    except Exception as e:  # our kernel cannot run here (no Hopper, old Triton): cuDNN it is
+        log.warning("our attention kernel failed on %s (%s); using cuDNN SDPA", tuple(q.shape), e)
+        t_ours = math.inf
+    try:
+        t_cudnn = _time_ms(lambda: sdpa(q, k, v, scale, "cudnn"))
+    except RuntimeError:
+        t_cudnn = math.inf
+    choice = "triton" if t_ours <= t_cudnn else "sdpa"
+    if math.isinf(t_ours) and math.isinf(t_cudnn):
+        choice = "sdpa-any"
+    log.info("attention %s: ours %.2f ms, cuDNN %.2f ms -> %s", tuple(q.shape), t_ours, t_cudnn, choice)
+    _AUTO_CHOICE[key] = choice
+    return choice
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "auto",
+              scale: float | None = None) -> torch.Tensor:
+    """Self/cross attention for the engine: q [B, Lq, H, D], k, v [B, Lk, H, D] -> [B, Lq, H, D].
+
+    impl: "auto" (bf16 CUDA: the faster of our kernel and cuDNN SDPA for this shape, timed once and
+    cached; elsewhere SDPA), "triton" (ours, bf16), "int8-fp8" / "int8" (ours, low precision),
+    "sdpa" (cuDNN SDPA), "flash" (SDPA's flash backend), "math" (SDPA's math backend).
+    """
+    _check_qkv(q, k, v)
+    if impl == "auto":
+        if q.device.type != "cuda" or q.dtype != torch.bfloat16 or q.shape[-1] not in (64, 128):
+            return sdpa(q, k, v, scale, None)
+        impl = _auto_choice(q, k, v, scale)
+    if impl == "triton":
+        return flash_attention(q, k, v, scale, "bf16")
+    if impl in ("int8-fp8", "int8"):
+        return flash_attention(q, k, v, scale, impl)
+    if impl == "sdpa":
+        return sdpa(q, k, v, scale, "cudnn")
+    if impl == "sdpa-any":
+        return sdpa(q, k, v, scale, None)
+    if impl in ("flash", "math", "efficient"):
+        return sdpa(q, k, v, scale, impl)
+    raise ValueError(f"impl must be one of auto, triton, int8-fp8, int8, sdpa, flash, efficient, math; got {impl!r}")
+
+
+def clear_auto_cache() -> None:
+    _AUTO_CHOICE.clear()
