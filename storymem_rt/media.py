@@ -153,7 +153,11 @@ def _to_video_frame(rgb: np.ndarray) -> av.VideoFrame:
 def _add_h264_stream(container, fps, width: int, height: int, crf: int, preset: str):
     stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1_000_000))
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-    stream.options = {"crf": str(crf), "preset": preset}
+    # mbtree off: with it, libx264's AVX-512 code (PyAV 18 wheels, seen on AVX-512 EPYC) gives
+    # different bitstreams, and decoded pixels up to 11 levels apart, for the same frames in
+    # different processes (asm=AVX2 or mbtree=0 make it reproducible), so a resumed render
+    # would not equal an uninterrupted one. At CRF 10 mbtree buys little.
+    stream.options = {"crf": str(crf), "preset": preset, "x264-params": "mbtree=0"}
     return stream
 
 

@@ -64,7 +64,13 @@ class ModelPaths:
         raise CheckpointError(f"{where}: {T5_FILE} is missing; {download_hint('t2v')}")
 
     def check(self, need_t2v: bool, need_m2v: bool) -> None:
-        """Fail before any weight is read if a folder the story needs is absent."""
+        """Fail before any weight is read (and before a render writes anything) if a folder or
+        file the story needs is absent: expert configs and every safetensors shard their index
+        lists, LoRA files, the T5 checkpoint and tokenizer, the VAE. Headers and tensor shapes
+        are checked later, while loading."""
+        from .checkpoint import safetensors_files
+        from .text_encoder import _resolve_paths
+
         wanted = []
         if need_t2v:
             wanted.append(("t2v", self.t2v))
@@ -79,10 +85,14 @@ class ModelPaths:
                 for e in EXPERTS.values():
                     if not (d / e / "config.json").is_file():
                         raise CheckpointError(f"{d / e}: config.json is missing; {download_hint(kind, str(d))}")
+                    safetensors_files(d / e, kind)
             else:
                 for e in EXPERTS:
                     _find_lora_file(d, e)
-        self.shared_dir()
+        shared = self.shared_dir()
+        _resolve_paths(shared, None)  # the T5 checkpoint and its tokenizer folder
+        if not (shared / VAE_FILE).is_file():
+            raise CheckpointError(f"{shared / VAE_FILE} is missing; {download_hint('t2v', str(shared))}")
 
 
 class ModelSet:

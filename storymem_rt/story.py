@@ -18,7 +18,6 @@ its output folder. Here the state is ours:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -175,23 +174,16 @@ def _uint8_to_float(frames: torch.Tensor, device) -> torch.Tensor:
 
 
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
+    from .media import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False))
 
 
 def _atomic_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    from .media import atomic_path
 
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 # --------------------------------------------------------------------------- engine
@@ -239,8 +231,11 @@ class StoryRenderer:
                 "shots": {}, "final": None}
 
     def _save_state(self, manifest: dict, bank: MemoryBank, last_frames: torch.Tensor | None) -> None:
+        from .media import remove_stale_temp_files
+
         state_dir = self.out / STATE_DIR
         state_dir.mkdir(exist_ok=True)
+        remove_stale_temp_files(state_dir)
         tensors, meta = bank.state()
         if last_frames is not None:
             tensors["last_frames"] = last_frames.contiguous()
@@ -285,7 +280,6 @@ class StoryRenderer:
 
     def add_keyframes(self, bank: MemoryBank, shot_id: str, frames_u8: torch.Tensor) -> list[int]:
         """Select keyframes of a finished shot (uint8 [F, H, W, 3]) and push them into the bank."""
-        s = self.settings
         frames = _uint8_to_float(frames_u8, self.device)
         res = self.selector.select(frames, bank.embeddings())
         idx = list(res.indices)
@@ -294,7 +288,6 @@ class StoryRenderer:
             for j, i in enumerate(idx):
                 bank.entries.append(MemoryEntry(latent=lat[:, j:j + 1], embedding=res.embeddings[j],
                                                 source=f"{shot_id}:{i}", thumb=frames_u8[i].cpu().clone()))
-        del s
         return idx
 
     def add_reference_images(self, bank: MemoryBank, paths: list[str]) -> None:
@@ -303,8 +296,9 @@ class StoryRenderer:
         from .media import load_image
         from .shot import resize_frames
 
-        imgs = torch.stack([load_image(p) for p in paths]).to(self.device)
-        imgs = resize_frames(imgs, self.settings.size).clamp(-1, 1)
+        # One by one: the user's images may all differ in size.
+        imgs = torch.cat([resize_frames(load_image(p)[None].to(self.device), self.settings.size)
+                          for p in paths]).clamp(-1, 1)
         lat = self.models.vae.encode_images(imgs.to(self.models.vae_dtype)).float()
         embs = self.selector.embed(imgs, selection_resize=False) if self.selector is not None else None
         u8 = ((imgs + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
@@ -315,25 +309,35 @@ class StoryRenderer:
     # ---- the loop
 
     def render(self, story: Story, plan: list[PlannedShot]) -> dict:
-        from .media import concat_videos, save_image, storyboard, write_video
+        from .media import concat_videos, remove_stale_temp_files, save_image, storyboard, write_video
         from .shot import ShotSpec, generate_shot
 
         s = self.settings
-        self.out.mkdir(parents=True, exist_ok=True)
         manifest = self._load_manifest(story, plan)
         done = manifest["shots"]
+        todo = [p for p in plan if p.id not in done]
+        timings_total: dict[str, float] = {}
+        contexts = {}
+        if todo:
+            t0 = time.perf_counter()
+            # The whole plan, even on resume: the encoder's batches (and so the last bits of
+            # each prompt's states) must be those of an uninterrupted render.
+            contexts = self.encode_prompts(plan)
+            self.models.free_text_encoder()
+            timings_total["text_encode"] = time.perf_counter() - t0
+            # Read every weight the first shot needs before the output folder exists: a corrupt
+            # checkpoint must not leave a half-made render behind.
+            t0 = time.perf_counter()
+            self.models.vae
+            self.models.experts("t2v" if todo[0].mode == "t2v" else "m2v")
+            timings_total["load"] = time.perf_counter() - t0
+        self.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(self.out)
         if done:
             bank, last_frames = self._load_state()
         else:
             bank, last_frames = MemoryBank(fix=s.fix, max_size=s.max_memory_size), None
-        todo = [p for p in plan if p.id not in done]
-        timings_total: dict[str, float] = {}
-        if todo:
-            t0 = time.perf_counter()
-            contexts = self.encode_prompts(todo)
-            self.models.free_text_encoder()
-            timings_total["text_encode"] = time.perf_counter() - t0
-            if not done and s.plan.reference_images:
+            if todo and s.plan.reference_images:
                 self.add_reference_images(bank, list(s.plan.reference_images))
                 self._save_state(manifest, bank, None)
         bar = _bar(total=len(plan), initial=len(plan) - len(todo), desc="shots", enabled=self.progress)

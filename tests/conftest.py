@@ -38,3 +38,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def storymem_cache(tmp_path_factory):
+    """A session-wide STORYMEM_CACHE holding the tiny bundle, built once (subprocesses inherit
+    the variable); returns the cache folder."""
+    from storymem_rt.tiny import ensure_tiny_models
+
+    cache = tmp_path_factory.getbasetemp() / "storymem-cache"
+    old = os.environ.get("STORYMEM_CACHE")
+    os.environ["STORYMEM_CACHE"] = str(cache)
+    ensure_tiny_models()
+    yield cache
+    if old is None:
+        os.environ.pop("STORYMEM_CACHE", None)
+    else:
+        os.environ["STORYMEM_CACHE"] = old
