@@ -284,6 +284,9 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
         from .media import load_image
 
         load_image(p)  # a broken image fails here, before anything is written
+    out_dir = out_dir or Path("out") / story.stem
+    if out_dir.exists() and not out_dir.is_dir():
+        raise click.BadParameter(f"{out_dir} exists and is not a folder", param_hint="--out")
 
     import torch
 
@@ -292,9 +295,14 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
     from .story import RenderSettings, StoryRenderer
     from .tiny import ensure_tiny_models
 
-    tiny = models == "tiny" and not (t2v_model or i2v_model or lora)
+    root = None
+    if not (t2v_model or i2v_model or lora):
+        if models == "tiny":
+            root = ensure_tiny_models()
+        elif read_tiny_meta(Path(models)) is not None:  # a folder written by `make-tiny-models`
+            root = Path(models)
+    tiny = root is not None
     if tiny:
-        root = ensure_tiny_models()
         meta = read_tiny_meta(root)
         d = meta["render_defaults"]
         if not _explicit(ctx, "size"):
@@ -323,7 +331,6 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
             lora_rank=lora_rank, dtype=dt, models=identity)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    out_dir = out_dir or Path("out") / story.stem
     model_set = ModelSet(paths, device=dev, dtype=getattr(torch, dt), lora_rank=lora_rank,
                          text_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
                          resident=not offload)
@@ -351,3 +358,135 @@ def _print_summary(out_dir: Path, manifest: dict) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------- bench (issue 5)
+
+@main.command()
+@click.option("--precision", type=click.Choice(["bf16", "fp8", "both"]), default="both", show_default=True,
+              help="Which fast paths to time (fp8 alone still runs one bf16 forward for its error).")
+@click.option("--memory-frames", type=click.IntRange(0), default=10, show_default=True)
+@click.option("--size", default="832*480", show_default=True, help="WIDTH*HEIGHT of the shot.")
+@click.option("--frame-num", type=click.IntRange(5), default=81, show_default=True)
+@click.option("--layers", type=click.IntRange(1, 40), default=40, show_default=True,
+              help="Blocks of the expert (40 is A14B; fewer for quick iteration).")
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed calls per row (median).")
+@click.option("--peer", type=click.Choice(["none", "diffusers"]), default="none", show_default=True,
+              help="Also time diffusers' WanTransformer3DModel with the same weights, eager and regionally compiled.")
+@click.option("--full-shot", is_flag=True, help="Also time a whole shot: both experts, CFG, --steps, VAE decode.")
+@click.option("--steps", type=click.IntRange(1), default=40, show_default=True)
+@click.option("--baseline/--no-baseline", default=True, show_default=True, help="Time the plain WanDiT too.")
+@click.option("--eager/--no-eager", default=True, show_default=True, help="Time the fast path uncompiled too.")
+@click.option("--compile/--no-compile", "compile_", default=True, show_default=True,
+              help="Regional torch.compile of the block.")
+@click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True)
+@click.option("--fp8-attention", multiple=True, default=("auto", "int8-fp8"), show_default=True,
+              type=click.Choice(["auto", "cudnn", "triton", "int8-fp8", "int8"]),
+              help="Self-attention variants timed with FP8 GEMMs (repeat the option).")
+@click.option("--cfg", "cfg_modes", multiple=True, default=("batched", "sequential"), show_default=True,
+              type=click.Choice(["batched", "sequential"]), help="CFG modes timed (repeat the option).")
+@click.option("--fast-accum/--no-fast-accum", default=True, show_default=True,
+              help="FP8 GEMMs with Hopper's fast accumulation.")
+@click.option("--ops", type=click.Choice(["auto", "kernels", "torch"]), default="auto", show_default=True,
+              help="Fused kernels or plain torch for norms/RoPE/residuals (auto: kernels eager, torch compiled).")
+@click.option("--memory-plan/--no-memory-plan", default=True, show_default=True,
+              help="Both FP8 experts + VAE resident: peak memory, VAE decode time.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write the JSON (default $OUT/bench.json when $OUT is set).")
+@click.option("--time-budget", type=float, default=520.0, show_default=True,
+              help="Seconds after which the remaining stages are skipped (and reported).")
+@click.option("--profile", is_flag=True, help="Print the top CUDA kernels of one forward of each fast path.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def bench(precision, memory_frames, size, frame_num, layers, repeats, peer, full_shot, steps, baseline, eager,
+          compile_, cuda_graph, fp8_attention, cfg_modes, fast_accum, ops, memory_plan, json_path, time_budget,
+          profile, seed) -> None:
+    """Time the fast path on a real-size A14B expert (random weights made on the GPU) against
+    float32 for correctness and diffusers for speed; prints one table, writes JSON."""
+    from .bench import BenchArgs, run
+
+    if (frame_num - 1) % 4:
+        raise click.BadParameter(f"--frame-num must be 4n+1, got {frame_num}")
+    args = BenchArgs(precision=precision, memory_frames=memory_frames, size=_parse_size(size), frame_num=frame_num,
+                     layers=layers, repeats=repeats, peer=peer, baseline=baseline, eager=eager, compile=compile_,
+                     cuda_graph=cuda_graph, fp8_attention=tuple(fp8_attention), cfg=tuple(cfg_modes),
+                     fast_accum=fast_accum, ops=ops, memory_plan=memory_plan, full_shot=full_shot, steps=steps, seed=seed,
+                     json_path=None if json_path is None else str(json_path), time_budget_s=time_budget,
+                     profile=profile)
+    try:
+        run(args)
+    except RuntimeError as e:
+        if "needs a CUDA GPU" in str(e):
+            raise click.ClickException(str(e)) from None
+        raise
+
+
+# --------------------------------------------------------------------------- build-engines, doctor (issue 4)
+
+@main.command("build-engines")
+@click.option("--models", default="tiny", show_default=True,
+              help="'tiny' (the embedded tiny bundle) or a folder holding Wan2.2-I2V-A14B/ (and Wan2.2-T2V-A14B/, "
+                   "StoryMem/).")
+@click.option("--lora", type=click.Path(path_type=Path), default=None,
+              help="Folder with backbone_{high,low}_noise.pth (default: MODELS/StoryMem/Wan2.2-MI2V-A14B).")
+@click.option("--lora-rank", type=click.IntRange(1), default=None, help="LoRA rank, alpha = rank (default: from the file).")
+@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp8", "fp32"]), default="bf16", show_default=True,
+              help="fp8: e4m3 block-linear weights, bf16 compute.")
+@click.option("--size", default="832*480", show_default=True, help="WIDTH*HEIGHT the engines are shaped for.")
+@click.option("--frame-num", type=click.IntRange(1), default=81, show_default=True, help="Frames per shot, 4n+1.")
+@click.option("--max-memory-size", type=click.IntRange(0), default=10, show_default=True,
+              help="Engines serve every memory size 0..this.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("engines"), show_default=True)
+@click.option("--backend", type=click.Choice(["torch", "tensorrt", "onnx", "all"]), default="torch", show_default=True,
+              help="torch: compile caches; onnx: ONNX graphs; tensorrt: ONNX + TensorRT engines; all: every one.")
+@click.option("--kind", type=click.Choice(["m2v", "t2v"]), default="m2v", show_default=True,
+              help="m2v: the I2V experts with the StoryMem LoRA merged; t2v: the T2V experts.")
+@click.option("--expert", type=click.Choice(["both", "high", "low"]), default="both", show_default=True)
+@click.option("--torch-mode", type=click.Choice(["cache", "aoti"]), default="cache", show_default=True,
+              help="cache: Inductor/Triton compile caches; aoti: AOTInductor packages (weights inside).")
+@click.option("--torch-buckets", default=None, metavar="SPEC",
+              help="Memory-size buckets compiled for the torch backend, e.g. '10,0-9' (default: max static + "
+                   "0..max-1 dynamic).")
+@click.option("--device", default=None, help="Device the torch backend compiles for (default: cuda if available).")
+@click.option("--weakly-typed", is_flag=True, help="TensorRT: let the builder choose precisions (BF16/FP16/FP8 flags) "
+              "instead of the graph's types.")
+@click.option("--workspace-gib", type=float, default=None, help="TensorRT builder workspace limit.")
+def build_engines_cmd(models, lora, lora_rank, precision, size, frame_num, max_memory_size, out_dir, backend, kind,
+                      expert, torch_mode, torch_buckets, device, weakly_typed, workspace_gib) -> None:
+    """Turn upstream checkpoints into what `render` loads fast: the LoRA merged into the I2V
+    experts, FP8 weights, ONNX graphs, TensorRT engines, torch compile caches, and
+    OUT/manifest.json. Re-running with the same inputs is a no-op."""
+    from .export.build import Builder
+    from .export.manifest import BuildSpec
+
+    w_h = _parse_size(size)
+    if (frame_num - 1) % 4:
+        raise click.BadParameter(f"{frame_num} is not 4n+1 (e.g. 81)", param_hint="--frame-num")
+    if torch_buckets:
+        from .export.torch_engines import parse_buckets
+
+        try:
+            parse_buckets(torch_buckets, max_memory_size)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--torch-buckets") from None
+    spec = BuildSpec(models=str(models), lora=None if lora is None else str(lora), precision=precision, size=w_h,
+                     frame_num=frame_num, max_memory_size=max_memory_size, out=str(out_dir), backend=backend,
+                     kind=kind, lora_rank=lora_rank)
+    experts = ("high", "low") if expert == "both" else (expert,)
+    builder = Builder(spec, experts=experts, torch_buckets=torch_buckets, torch_mode=torch_mode, device=device,
+                      strongly_typed=not weakly_typed, workspace_gib=workspace_gib,
+                      echo=lambda msg: click.echo(msg, err=True))
+    report = builder.run()
+    for line in report.lines():
+        click.echo(line)
+    click.echo(f"manifest: {out_dir / 'manifest.json'} ({len(report.built)} built, {len(report.reused)} up to date)")
+
+
+@main.command()
+@click.option("--engines", type=click.Path(path_type=Path), default=Path("engines"), show_default=True,
+              help="Engines folder to inspect.")
+def doctor(engines: Path) -> None:
+    """Print the tools, the GPU and the engines present here, and whether each engine is usable."""
+    from .export.doctor import report
+
+    for line in report(engines):
+        click.echo(line)

@@ -47,6 +47,7 @@ __all__ = [
     "KEEP_FP32",
     "WanDiT",
     "apply_rope",
+    "compute_dtype",
     "rope_cos_sin",
     "rope_inv_freqs",
     "sdpa_attention",
@@ -143,6 +144,13 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     c, s = cos[:, None, :], sin[:, None, :]  # broadcast over heads
     out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
     return out.to(x.dtype)
+
+
+def compute_dtype(layer: nn.Module) -> torch.dtype:
+    """dtype a linear layer computes in: its weight's, unless the layer says otherwise
+    (quantized layers such as export/fp8.py `FP8Linear` store float8 weights but compute in
+    bf16/fp32 and expose `compute_dtype`)."""
+    return getattr(layer, "compute_dtype", None) or layer.weight.dtype
 
 
 def _linear_fp32(layer: nn.Linear, x: Tensor) -> Tensor:
@@ -252,7 +260,7 @@ class WanBlock(nn.Module):
     ) -> Tensor:
         """x [B, L, dim] float32 residual; e6 [B, 6, dim] float32 time projection;
         context [B, text_len, dim] embedded text (compute dtype). -> [B, L, dim] float32."""
-        cdt = self.self_attn.q.weight.dtype
+        cdt = compute_dtype(self.self_attn.q)
         # float32 like upstream's autocast(float32) region; [B, 1, dim] each, broadcast over L.
         mod = (self.modulation.float() + e6).unsqueeze(2).unbind(1)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod
