@@ -266,11 +266,17 @@ def _explicit(ctx: click.Context, name: str) -> bool:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
               help="DiT compute dtype (default: bfloat16 on GPU, float32 on CPU).")
 @click.option("--offload", is_flag=True, help="Keep only the active model's experts on the device.")
+@click.option("--engines", "engines_dir", type=click.Path(path_type=Path), default=None,
+              help="Use the artifacts `storymem-rt build-engines --out DIR` made (merged LoRA, FP8 weights, "
+                   "compile caches); a stale or missing one is refused with the rebuild command.")
+@click.option("--precision", type=click.Choice(["bf16", "fp8", "fp32"]), default=None,
+              help="With --engines: which precision's artifacts to use (default: bf16 on GPU, fp32 on CPU).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @plan_options
 def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model, lora, lora_rank, size,
            frame_num, sample_steps, sample_solver, sample_guide_scale, max_memory_size, fix, no_quality_filter,
-           clip_weights, reference_mi2v_bug, device, dtype, offload, no_progress, plan: PlanSettings) -> None:
+           clip_weights, reference_mi2v_bug, device, dtype, offload, engines_dir, precision, no_progress,
+           plan: PlanSettings) -> None:
     """Render STORY into one video, shot by shot, in this process."""
     ctx = click.get_current_context()
     s = load_story(story)
@@ -322,7 +328,22 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
     paths.check(need_t2v, need_m2v)
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dt = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
+    if precision is not None and engines_dir is None:
+        raise click.UsageError("--precision picks the artifacts of --engines DIR: add --engines or drop --precision")
+    precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
+    dt = dtype or ("float32" if precision == "fp32" else "bfloat16")
+    engines = None
+    if engines_dir is not None:
+        from .export.manifest import BuildSpec
+
+        if not (engines_dir / "manifest.json").is_file():
+            raise click.BadParameter(f"{engines_dir} has no manifest.json: build it with storymem-rt build-engines "
+                                     f"--out {engines_dir}", param_hint="--engines")
+        engines = BuildSpec(models="tiny" if tiny and models == "tiny" else str(models),
+                            lora=None if lora is None else str(lora), precision=precision, size=w_h,
+                            frame_num=frame_num, max_memory_size=max_memory_size, out=str(engines_dir),
+                            lora_rank=lora_rank)
+        identity = json.dumps({"models": identity, "engines": str(engines_dir.resolve()), "precision": precision})
     try:
         settings = RenderSettings(
             plan=plan, size=w_h, frame_num=frame_num, sample_steps=sample_steps, solver=sample_solver,
@@ -333,7 +354,7 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
         raise click.UsageError(str(e)) from None
     model_set = ModelSet(paths, device=dev, dtype=getattr(torch, dt), lora_rank=lora_rank,
                          text_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
-                         resident=not offload)
+                         resident=not offload, engines=engines)
     clip = random_clip(seed=0, device=dev) if tiny and clip_weights is None else load_clip(clip_weights, device=dev)
     selector = KeyframeSelector(clip, default_quality_scorer(not no_quality_filter, device=dev),
                                 max_keyframes=settings.max_keyframes, device=dev)

@@ -104,7 +104,8 @@ class ModelSet:
     """
 
     def __init__(self, paths: ModelPaths, device="cpu", dtype=torch.float32, lora_rank: int | None = None,
-                 lora_alpha: float | None = None, text_dtype=None, vae_dtype=torch.float32, resident: bool = True):
+                 lora_alpha: float | None = None, text_dtype=None, vae_dtype=torch.float32, resident: bool = True,
+                 engines=None):
         self.paths = paths
         self.device = torch.device(device)
         self.dtype = dtype
@@ -113,6 +114,9 @@ class ModelSet:
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
         self.resident = resident
+        # An export.manifest.BuildSpec: experts come from `build-engines` artifacts (merged LoRA,
+        # FP8 weights, torch compile caches), each checked against its inputs before use.
+        self.engines = engines
         self._experts: dict[str, dict] = {}
         self._text = None
         self._vae = None
@@ -163,6 +167,10 @@ class ModelSet:
                                   f"{download_hint('t2v' if kind == 't2v' else 'i2v')}")
         out = {}
         for e, sub in EXPERTS.items():
+            engine = self._engine_expert(kind, e) if self.engines is not None else None
+            if engine is not None:
+                out[e] = engine
+                continue
             lora = None
             if kind == "m2v":
                 if self.paths.lora is None:
@@ -171,6 +179,62 @@ class ModelSet:
             out[e] = load_expert(root / sub, device=self.device, dtype=self.dtype, lora=lora)
         self._experts[kind] = out
         return out
+
+
+    def _engine_records(self, kind: str, expert: str) -> tuple[Path | None, dict | None]:
+        """(weights folder or None, torch-cache record or None) of one expert from the engines
+        folder. Weights: merged LoRA (M2V) or FP8; None where that kind has no weights artifact
+        (T2V in bf16/fp32 runs its upstream weights). A stale artifact raises StaleEngineError
+        naming what changed and the rebuild command; a missing M2V/FP8 one raises too."""
+        import dataclasses
+
+        from .export.build import find_engine
+        from .export.manifest import MissingEngineError
+
+        spec = dataclasses.replace(self.engines, kind=kind)
+        dev = str(self.device)
+        art = "fp8" if spec.precision == "fp8" else ("merged" if kind == "m2v" else None)
+        folder = None
+        if art is not None:
+            folder = Path(spec.out) / find_engine(spec, art, expert, device=dev)["path"]
+            if not (folder / "config.json").is_file():  # artifacts keep the upstream expert folder name
+                folder = folder / EXPERTS[expert]
+        try:
+            cache = find_engine(spec, "torch-cache", expert, device=dev)
+        except MissingEngineError:
+            cache = None  # no compile cache built: run eagerly
+        return folder, cache
+
+    def preflight(self, kinds) -> None:
+        """Check every engine artifact the story will use before anything is written."""
+        if self.engines is None:
+            return
+        for kind in kinds:
+            for e in EXPERTS:
+                self._engine_records(kind, e)
+
+    def _engine_expert(self, kind: str, expert: str):
+        from .checkpoint import load_expert
+
+        folder, cache = self._engine_records(kind, expert)
+        if folder is None and cache is None:
+            return None
+        if folder is None:
+            root_dir = self.paths.t2v if kind == "t2v" else self.paths.i2v
+            model = load_expert(root_dir / EXPERTS[expert], device=self.device, dtype=self.dtype)
+        elif self.engines.precision == "fp8":
+            from .export.fp8 import load_fp8_expert
+
+            model = load_fp8_expert(folder, device=self.device, dtype=self.dtype)
+        else:
+            model = load_expert(folder, device=self.device, dtype=self.dtype)
+        if cache is None:
+            return model
+        from .export.torch_engines import CompiledExpert, activate_compile_cache, parse_buckets
+
+        activate_compile_cache(Path(self.engines.out) / cache["path"])
+        return CompiledExpert(model, parse_buckets(cache.get("buckets"), self.engines.max_memory_size),
+                              shot_frames=(self.engines.frame_num - 1) // 4 + 1)
 
 
 def read_tiny_meta(models: Path) -> dict | None:

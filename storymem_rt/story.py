@@ -328,6 +328,7 @@ class StoryRenderer:
             # Read every weight the first shot needs before the output folder exists: a corrupt
             # checkpoint must not leave a half-made render behind.
             t0 = time.perf_counter()
+            self.models.preflight({"t2v" if p.mode == "t2v" else "m2v" for p in todo})
             self.models.vae
             self.models.experts("t2v" if todo[0].mode == "t2v" else "m2v")
             timings_total["load"] = time.perf_counter() - t0
