@@ -377,8 +377,6 @@ def _print_summary(out_dir: Path, manifest: dict) -> None:
     click.echo(f"story video: {out_dir / manifest['final']['video']} ({manifest['final']['frames']} frames); "
                f"storyboard: {out_dir / manifest['final']['storyboard']}; manifest: {out_dir / 'render.json'}")
 
-if __name__ == "__main__":
-    main()
 
 
 # --------------------------------------------------------------------------- bench (issue 5)
@@ -511,3 +509,7 @@ def doctor(engines: Path) -> None:
 
     for line in report(engines):
         click.echo(line)
+
+
+if __name__ == "__main__":
+    main()
