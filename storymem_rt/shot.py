@@ -12,7 +12,7 @@ Shapes: latents [16, T, h, w]; videos [3, F, H, W] in [-1, 1]; memory latents [1
 """
 from __future__ import annotations
 
-import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -181,7 +181,6 @@ def generate_shot(experts: dict, vae, spec: ShotSpec, context: torch.Tensor, con
         frame count); computed here when None and the shot needs it.
     """
     device = torch.device(device) if device is not None else context.device
-    import time
     timings = {}
     w, h = spec.size
     fnum = spec.sampling.frame_num
