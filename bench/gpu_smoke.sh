@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# End-to-end render of the 3-shot demo story on the device's GPU with the tiny bundle
+# (checks the story engine on CUDA: noise generator, bf16 experts, VAE, keyframes, PyAV).
+# Usage on the device (wheels for av/open_clip/timm/ftfy/wcwidth/regex/diffusers in .whl):
+#   bash bench/gpu_smoke.sh
+set -euo pipefail
+R=$PWD
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+rm -rf /tmp/p && mkdir -p /tmp/p/storymem_rt && cp -r storymem_rt/* /tmp/p/storymem_rt/ \
+  && cp -r kernels /tmp/p/storymem_rt/kernels && cp -r export /tmp/p/storymem_rt/export
+export PYTHONPATH=/tmp/p:/tmp/site STORYMEM_CACHE=/tmp/cache PYTHONUNBUFFERED=1
+cd /tmp
+run() { python3 -P -c "from storymem_rt.cli import main; main()" "$@"; }
+run render "$R/story/harbor_morning.json" --mi2v --out /tmp/smoke --no-progress
+run render "$R/story/harbor_morning.json" --mm2v --out /tmp/smoke-mm2v --no-progress --seed-policy unique
+python3 - <<'PY'
+import json, torch
+m = json.load(open("/tmp/smoke/render.json"))
+print("device check:", torch.cuda.get_device_name(0), "settings dtype", m["settings"]["dtype"])
+for k, v in m["shots"].items():
+    print(k, v["mode"], "frames", v["frames"], "memory", len(v["memory"]), "keyframes", v["keyframes"], v["timings"])
+PY
+ls -la /tmp/smoke
+cp /tmp/smoke/storyboard.png /tmp/smoke/render.json "$OUT"/ 2>/dev/null || true
