@@ -246,9 +246,12 @@ def read_torch_pth(path: str | Path, kind: str | None = None) -> dict[str, torch
         # first sentence only: torch goes on to suggest allow-listing the global, which we won't
         raise _fail(f"{path}: {PICKLE_REFUSED} ({detail.strip().split('. ')[0][:160].rstrip('.')})", kind) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
+        if "legacy .tar format" in str(e):
+            raise _fail(f"{path}: is in the legacy .tar format, which cannot be loaded safely (weights_only); "
+                        "re-save it with torch.save", kind) from None
         raise _fail(f"{path}: truncated or corrupt torch file ({_brief(e)})", kind) from None
     if not isinstance(obj, Mapping):
-        raise _fail(f"{path}: expected a dict of tensors, found a {type(obj).__name__}", kind)
+        raise _fail(f"{path}: expected a state dict (a dict of tensors), found a {type(obj).__name__}", kind)
     for k, v in obj.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise _fail(f"{path}: entry {k!r} is not a tensor ({type(v).__name__}); {PICKLE_REFUSED}", kind)

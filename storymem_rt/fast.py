@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from .dit import WanBlock, WanDiT, rope_cos_sin, rope_inv_freqs
 from .kernels.adaln import adaln_modulate, gated_residual
-from .kernels.attention import flash_attention
+from .kernels.attention import _time_ms, flash_attention  # one CUDA-event timer for both auto-pickers
 from .kernels.qk_norm_rope import RopeTables, qk_norm_rope
 
 log = logging.getLogger("storymem_rt")
@@ -331,20 +331,6 @@ def _rope_tables(pos: Tensor, h: int, w: int, head_dim: int, device):
     ang[f:f + h, nt:nt + nh] = torch.outer(torch.arange(h, dtype=torch.float64), inv_h)
     ang[f + h:, nt + nh:] = torch.outer(torch.arange(w, dtype=torch.float64), inv_w)
     return RopeTables(torch.cos(ang).float().to(device), torch.sin(ang).float().to(device), f, h, w)
-
-
-def _time_ms(fn, reps: int = 3) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 _ATTENTION_PLAN: dict[tuple, str] = {}  # (choice, shapes, device) -> impl; timed once per process

@@ -142,18 +142,10 @@ def clean_prompt(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def _load_torch_state(path: Path) -> dict[str, Tensor]:
-    # mmap keeps the 11 GB bf16 file out of RAM until tensors are copied to the device; files in
-    # the legacy (non-zip) torch.save format cannot be memory-mapped and are read whole.
-    for mmap in (True, False):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as e:
-            if mmap and "mmap" in str(e):
-                continue
-            raise CheckpointError(f"{path}: cannot read the T5 checkpoint ({e})") from None
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise CheckpointError(f"{path}: cannot read the T5 checkpoint ({e})") from None
-    raise AssertionError("unreachable")
+    # mmap keeps the 11 GB bf16 file out of RAM until tensors are copied to the device.
+    from .checkpoint import read_torch_pth
+
+    return read_torch_pth(path, kind="t2v")
 
 
 def _resolve_paths(folder_or_pth: str | Path, tokenizer_dir: str | Path | None) -> tuple[Path, Path]:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -207,30 +205,12 @@ def _fail(path: Path, what: str) -> CheckpointError:
 
 
 def _read_pth(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only (never runs pickled code); mmap when the file is a zip
-    container (torch.save since 1.6), else a plain read."""
+    """The one weights_only reader (storymem_rt.checkpoint), with the VAE's own missing-file line."""
+    from .checkpoint import read_torch_pth
+
     if not path.is_file():
         raise _fail(path, "the VAE checkpoint is missing")
-    attempts = [True, False] if zipfile.is_zipfile(path) else [False]
-    for mmap in attempts:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-            break
-        except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise _fail(path, f"holds objects other than tensors and was refused ({first})") from None
-        except (RuntimeError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-            if mmap:
-                continue  # some filesystems refuse mmap: read it into memory instead
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if "legacy .tar format" in msg:
-                raise _fail(path, "is in the legacy .tar format, which cannot be loaded safely "
-                                  "(weights_only); re-save it with torch.save") from None
-            raise _fail(path, f"cannot be read, it is truncated or corrupt ({msg})") from None
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                           for k, v in sd.items()):
-        raise _fail(path, "is not a state dict of named tensors")
-    return sd
+    return read_torch_pth(path, kind="i2v")
 
 
 def infer_vae_config(sd: dict[str, torch.Tensor], path: str | Path = "<state dict>") -> VAEConfig:

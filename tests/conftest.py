@@ -15,6 +15,21 @@ def golden_dir() -> Path:
     return Path(os.environ.get("STORYMEM_GOLDEN_DIR", REPO.parent / "shared" / "golden")).resolve()
 
 
+def stbench_dir() -> Path:
+    return Path(os.environ.get("STORYMEM_STBENCH_DIR", REPO.parent / "shared" / "st-bench")).resolve()
+
+
+STBENCH_FILES = sorted(stbench_dir().glob("*.json"))
+
+
+@pytest.fixture(scope="session")
+def stbench() -> Path:
+    d = stbench_dir()
+    if not any(d.glob("*.json")):
+        pytest.fail(f"ST-Bench scripts not found at {d}: set STORYMEM_STBENCH_DIR")
+    return d
+
+
 @pytest.fixture(scope="session")
 def golden() -> Path:
     d = golden_dir()

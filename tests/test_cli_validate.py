@@ -15,19 +15,7 @@ from storymem_rt.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def stbench_dir() -> Path:
-    return Path(os.environ.get("STORYMEM_STBENCH_DIR", REPO.parent / "shared" / "st-bench")).resolve()
-
-
-STBENCH_FILES = sorted(stbench_dir().glob("*.json"))
-
-
-@pytest.fixture(scope="session")
-def stbench() -> Path:
-    d = stbench_dir()
-    if not any(d.glob("*.json")):
-        pytest.fail(f"ST-Bench scripts not found at {d}: set STORYMEM_STBENCH_DIR")
-    return d
+from conftest import STBENCH_FILES  # noqa: E402  (the stbench fixture lives there too)
 
 
 INLINE = {

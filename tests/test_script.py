@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -15,19 +14,7 @@ from storymem_rt.script import (MODES, PlannedShot, PlanSettings, Scene, Story, 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def stbench_dir() -> Path:
-    return Path(os.environ.get("STORYMEM_STBENCH_DIR", REPO.parent / "shared" / "st-bench")).resolve()
-
-
-STBENCH_FILES = sorted(stbench_dir().glob("*.json"))
-
-
-@pytest.fixture(scope="session")
-def stbench() -> Path:
-    d = stbench_dir()
-    if not any(d.glob("*.json")):
-        pytest.fail(f"ST-Bench scripts not found at {d}: set STORYMEM_STBENCH_DIR")
-    return d
+from conftest import STBENCH_FILES  # noqa: E402  (the stbench fixture lives there too)
 
 
 # Scene 1: cut, no cut, cut.  Scene 2: cut, no cut.  Scene 3 starts without a cut, then a cut.
