@@ -271,12 +271,18 @@ def _explicit(ctx: click.Context, name: str) -> bool:
                    "compile caches); a stale or missing one is refused with the rebuild command.")
 @click.option("--precision", type=click.Choice(["bf16", "fp8", "fp32"]), default=None,
               help="With --engines: which precision's artifacts to use (default: bf16 on GPU, fp32 on CPU).")
+@click.option("--fast", type=click.Choice(["auto", "off", "bf16", "fp8"]), default="auto", show_default=True,
+              help="The fast DiT backend (fused kernels, cached text K/V, no host sync; fp8: FP8 GEMMs). "
+                   "auto: bf16 on CUDA, off on CPU.")
+@click.option("--compile/--no-compile", "fast_compile", default=False, show_default=True,
+              help="With --fast: regional torch.compile of the repeated block (minutes of compilation "
+                   "the first time, then ~2%% (bf16) to 20%% (fp8) faster per step on H100).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @plan_options
 def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model, lora, lora_rank, size,
            frame_num, sample_steps, sample_solver, sample_guide_scale, max_memory_size, fix, no_quality_filter,
-           clip_weights, reference_mi2v_bug, device, dtype, offload, engines_dir, precision, no_progress,
-           plan: PlanSettings) -> None:
+           clip_weights, reference_mi2v_bug, device, dtype, offload, engines_dir, precision, fast, fast_compile,
+           no_progress, plan: PlanSettings) -> None:
     """Render STORY into one video, shot by shot, in this process."""
     ctx = click.get_current_context()
     s = load_story(story)
@@ -344,6 +350,11 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
                             frame_num=frame_num, max_memory_size=max_memory_size, out=str(engines_dir),
                             lora_rank=lora_rank)
         identity = json.dumps({"models": identity, "engines": str(engines_dir.resolve()), "precision": precision})
+    if fast == "auto":
+        fast = "bf16" if dev.type == "cuda" else "off"
+    fast = None if fast == "off" else ("fp32" if fast == "bf16" and dt == "float32" else fast)
+    if fast is not None:
+        identity = json.dumps({"weights": identity, "fast": fast})
     try:
         settings = RenderSettings(
             plan=plan, size=w_h, frame_num=frame_num, sample_steps=sample_steps, solver=sample_solver,
@@ -354,7 +365,7 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
         raise click.UsageError(str(e)) from None
     model_set = ModelSet(paths, device=dev, dtype=getattr(torch, dt), lora_rank=lora_rank,
                          text_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
-                         resident=not offload, engines=engines)
+                         resident=not offload, engines=engines, fast=fast, fast_compile=fast_compile)
     clip = random_clip(seed=0, device=dev) if tiny and clip_weights is None else load_clip(clip_weights, device=dev)
     selector = KeyframeSelector(clip, default_quality_scorer(not no_quality_filter, device=dev),
                                 max_keyframes=settings.max_keyframes, device=dev)

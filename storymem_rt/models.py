@@ -105,7 +105,7 @@ class ModelSet:
 
     def __init__(self, paths: ModelPaths, device="cpu", dtype=torch.float32, lora_rank: int | None = None,
                  lora_alpha: float | None = None, text_dtype=None, vae_dtype=torch.float32, resident: bool = True,
-                 engines=None):
+                 engines=None, fast: str | None = None, fast_compile: bool = False):
         self.paths = paths
         self.device = torch.device(device)
         self.dtype = dtype
@@ -117,6 +117,9 @@ class ModelSet:
         # An export.manifest.BuildSpec: experts come from `build-engines` artifacts (merged LoRA,
         # FP8 weights, torch compile caches), each checked against its inputs before use.
         self.engines = engines
+        # storymem_rt.fast precision ("bf16" / "fp8" / "fp32") or None: the plain WanDiT.
+        self.fast = fast
+        self.fast_compile = fast_compile
         self._experts: dict[str, dict] = {}
         self._text = None
         self._vae = None
@@ -177,6 +180,11 @@ class ModelSet:
                     raise CheckpointError(f"M2V needs the StoryMem LoRA; {download_hint('lora')}")
                 lora = load_lora(_find_lora_file(self.paths.lora, e), self.lora_config())
             out[e] = load_expert(root / sub, device=self.device, dtype=self.dtype, lora=lora)
+        if self.fast is not None:
+            from .fast import prepare_fast
+
+            out = {e: m if not hasattr(m, "blocks") else prepare_fast(m, self.fast, compile=self.fast_compile)
+                   for e, m in out.items()}
         self._experts[kind] = out
         return out
 

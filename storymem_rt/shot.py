@@ -220,7 +220,12 @@ def generate_shot(experts: dict, vae, spec: ShotSpec, context: torch.Tensor, con
         else:
             frame_pos = torch.arange(memory_size + t_lat, device=device)
     t0 = time.perf_counter()
-    latent = denoise(experts, spec, noise, g, context, context_null, y, frame_pos, dtype, progress, cfg_batch)
+    if getattr(experts["high"], "_fast", None) is not None:  # prepared by storymem_rt.fast: no host sync
+        from .fast import denoise_fast
+
+        latent = denoise_fast(experts, spec, noise, g, context, context_null, y, frame_pos, dtype, progress=progress)
+    else:
+        latent = denoise(experts, spec, noise, g, context, context_null, y, frame_pos, dtype, progress, cfg_batch)
     timings["dit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     video = vae.decode(latent[None, :, memory_size:])[0].float()
