@@ -224,9 +224,15 @@ def load_clip(source: str | Path | None = None, *, cache_dir: str | Path | None 
 def random_clip(seed: int = 0, device: str | torch.device = "cpu") -> torch.nn.Module:
     """ViT-B/32 (QuickGELU) with random weights from `seed`: tests and the tiny bundle."""
     open_clip = _open_clip()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # open_clip warns "No pretrained weights loaded": random is the point here
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True)
+    finally:
+        root.setLevel(level)
     return _finish(model, device)
 
 
