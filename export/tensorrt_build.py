@@ -36,8 +36,6 @@ written against the TensorRT 10 Python API and exercised only on a machine with 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,15 +199,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, plan: EnginePla
 
 
 def _atomic_bytes(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from storymem_rt.atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, data)  # a memoryview is written as is: no copy of a multi-GB engine
 
 
 class TrtExpert:
