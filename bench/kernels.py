@@ -135,6 +135,8 @@ def bench_attention(L, rep, qo=None, ko=None, n_check=128, quick=False):
 
     impls = [
         ("attention bf16 (ours)", lambda: flash_attention(q, k, v, mode="bf16"), ""),
+        ("attention int8-int8 (ours, incl. quant)", lambda: flash_attention(q, k, v, mode="int8-int8"),
+         "INT8 P against block max"),
         ("attention int8-fp8 (ours, incl. quant)", lambda: flash_attention(q, k, v, mode="int8-fp8"), "Sage2-style"),
         ("attention int8 QK, bf16 PV (ours, incl. quant)", lambda: flash_attention(q, k, v, mode="int8"), ""),
         ("SDPA cuDNN", lambda: sdpa(q, k, v, backend="cudnn"), "strided [B,L,H,D] views"),
@@ -167,9 +169,10 @@ def bench_attention(L, rep, qo=None, ko=None, n_check=128, quick=False):
     except Exception as ex:
         print(f"auto failed: {type(ex).__name__}: {ex}", flush=True)
     # the low-precision kernels without their quantization pre-pass
-    for mode in ("int8-fp8", "int8"):
+    for mode in ("int8-int8", "int8-fp8", "int8"):
         try:
-            ms_q = bench_ms(lambda: quantize_qkv(q, k, v, mode), max(50, rep // 10))
+            bn = attn_mod.DEFAULT_CONFIGS[mode].block_n
+            ms_q = bench_ms(lambda: quantize_qkv(q, k, v, mode, v_block=bn), max(50, rep // 10))
             row(f"  quantize q/k/v for {mode}", L, ms_q, None, note="included above")
         except Exception as ex:
             print(f"quantize {mode} failed: {ex}", flush=True)
@@ -181,6 +184,8 @@ def bench_attention(L, rep, qo=None, ko=None, n_check=128, quick=False):
 SWEEP = {
     "bf16": [AttnConfig(128, 128, 8, 3), AttnConfig(64, 64, 4, 3), AttnConfig(64, 64, 4, 2),
              AttnConfig(64, 32, 4, 4), AttnConfig(128, 32, 8, 4), AttnConfig(64, 64, 4, 4)],
+    "int8-int8": [AttnConfig(64, 128, 4, 2), AttnConfig(64, 128, 4, 3), AttnConfig(128, 128, 8, 3),
+                  AttnConfig(64, 64, 4, 3), AttnConfig(128, 64, 4, 3)],
     "int8-fp8": [AttnConfig(64, 128, 4, 3),
                  AttnConfig(128, 128, 8, 3), AttnConfig(64, 64, 4, 3), AttnConfig(64, 128, 4, 2),
                  AttnConfig(64, 128, 4, 4), AttnConfig(128, 64, 4, 3)],
@@ -200,7 +205,7 @@ def sweep_attention(L, rep):
         best = None
         for cfg in cands:
             try:
-                fn = lambda: attn_mod._launch_attention(q, k, v, D**-0.5, mode, cfg)
+                fn = lambda: attn_mod._launch_attention(q, k, v, D**-0.5, mode, cfg)  # noqa: B023
                 t0 = time.time()
                 fn()
                 torch.cuda.synchronize()

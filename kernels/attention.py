@@ -13,12 +13,19 @@ Modes (`_attn_fwd_kernel`'s MODE):
   (added back at the end, exact since softmax rows sum to 1) and e4m3 with one scale per
   channel, transposed to [B, H, D, L] because Hopper's FP8 MMA wants V K-major.
 - 2 "int8": INT8 Q.K as in mode 1, bf16 P.V.
+- 3 "int8-int8": INT8 Q.K as in mode 1 and INT8 P.V: V smoothed and INT8 with one scale per
+  channel (transposed like mode 1); P quantized against each key block's own row max, on the
+  signed grid round(254 p) - 127 (255 levels; the +127 comes back through each block's column
+  sums of V, precomputed). Relative to the block max the values that matter keep ~8 bits,
+  where e4m3 keeps 3 mantissa bits whatever the scale.
 
-Error against float64 on RMS-normalised, RoPE-rotated random inputs at L = 48k (docs/PERF.md):
-bf16 2.3e-3; int8 1.2e-2; int8-fp8 ~3.6e-2. On random data the output is an incoherent sum, so
-every per-element rounding of P and V shows up in full: e4m3 rounds each element with ~2.6% rms
-relative error, so FP8 P alone costs ~2.6e-2 whatever the scaling; V's rounding costs ~2e-2
-once the mean of its rounding errors per channel is taken off the output (`quantize_qkv`).
+Error against float64 on RMS-normalised, RoPE-rotated random inputs at L = 48k, and speed on an
+H100 (docs/PERF.md): bf16 2.3e-3, 0.89x cuDNN; int8 1.2e-2, 1.10x; int8-int8 1.6e-2, 1.01x;
+int8-fp8 3.6e-2, 1.31x. On random data the output is an incoherent sum, so every per-element
+rounding of P and V shows up in full: e4m3 rounds each element with ~2.6% rms relative error, so
+FP8 P alone costs ~2.6e-2 whatever the scaling; V's rounding costs ~2e-2 once the mean of its
+rounding errors per channel is taken off the output (`quantize_qkv`). Mode 3 pays for its
+accuracy with per-block rescaling of the int32 P.V tile on the CUDA cores (kernels/NOTES.md).
 
 `attention(q, k, v, impl="auto")` is what the engine calls: per shape it times our bf16 kernel
 against cuDNN SDPA once and keeps the faster.
@@ -40,7 +47,7 @@ log = logging.getLogger("storymem_rt.kernels.attention")
 
 LOG2E = 1.4426950408889634
 FP8_MAX = 448.0
-MODES = {"bf16": 0, "int8-fp8": 1, "int8": 2}
+MODES = {"bf16": 0, "int8-fp8": 1, "int8": 2, "int8-int8": 3}
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -59,7 +66,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return (p @ v).transpose(1, 2)
 
 
-def quantize_qkv_ref(q, k, v, k_block: int = 128):
+def quantize_qkv_ref(q, k, v, k_block: int = 128, v_int8: bool = False):
     """The quantization of modes 1/2 in plain torch (float32 math). Returns dequantized fp32 q, k, v
     [B, L, H, D] (k and v smoothed: without their means), k's mean, and the shift added to the
     output: v's mean less the mean rounding error of v (see quantize_qkv)."""
@@ -76,7 +83,11 @@ def quantize_qkv_ref(q, k, v, k_block: int = 128):
     v_mean = vf.mean(1, keepdim=True)
     vc = vf - v_mean
     vs = vc.abs().amax(1, keepdim=True).clamp_min(1e-12) / FP8_MAX
-    vd = (vc / vs).to(torch.float8_e4m3fn).float() * vs
+    if v_int8:
+        vs = vc.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+        vd = _round_half_away(vc / vs).clamp(-127, 127) * vs
+    else:
+        vd = (vc / vs).to(torch.float8_e4m3fn).float() * vs
     v_shift = v_mean - (vd - vc).mean(1, keepdim=True)
     return qd, kd, vd, k_mean, v_shift
 
@@ -85,12 +96,14 @@ def _round_half_away(x):
     return torch.trunc(x + torch.where(x >= 0, 0.5, -0.5))
 
 
-def attention_lp_ref(q, k, v, scale: float | None = None, mode: str = "int8-fp8", k_block: int = 128):
-    """What modes 1/2 compute, emulated in torch: quantized q, k (and v for mode 1), P rounded to
-    e4m3 after scaling by 448 (mode 1) with the exact row max (the kernel's running max only
-    changes which values round where). float64 out."""
+def attention_lp_ref(q, k, v, scale: float | None = None, mode: str = "int8-fp8", k_block: int = 128,
+                     block_n: int = 128):
+    """What modes 1-3 compute, emulated in torch: quantized q, k (and v for modes 1, 3); P rounded
+    to e4m3 after scaling by 448 with the exact row max (mode 1: the kernel's running max only
+    changes which values round where), or to round(254 p) / 254 against each `block_n`-key block's
+    row max (mode 3, exactly the kernel's grid). float64 out."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    qd, kd, vd, _, v_shift = quantize_qkv_ref(q, k, v, k_block)
+    qd, kd, vd, _, v_shift = quantize_qkv_ref(q, k, v, k_block, v_int8=mode == "int8-int8")
     qd, kd = qd.double().transpose(1, 2), kd.double().transpose(1, 2)
     s = (qd @ kd.transpose(-1, -2)) * scale
     p = torch.exp(s - s.amax(-1, keepdim=True))
@@ -100,8 +113,17 @@ def attention_lp_ref(q, k, v, scale: float | None = None, mode: str = "int8-fp8"
         o = (p8 @ vd.double().transpose(1, 2)) / l + v_shift.double().transpose(1, 2)
     elif mode == "int8":
         o = (p.bfloat16().double() @ v.bfloat16().double().transpose(1, 2)) / l
+    elif mode == "int8-int8":
+        Lk = s.shape[-1]
+        nb = -(-Lk // block_n)
+        sp = F.pad(s, (0, nb * block_n - Lk), value=-math.inf).unflatten(-1, (nb, block_n))
+        m_blk = sp.amax(-1, keepdim=True)
+        pl = torch.exp(sp - m_blk)
+        p8 = (torch.round(pl * 254) / 254 * torch.exp(m_blk - s.amax(-1, keepdim=True)[..., None]))
+        p8 = p8.flatten(-2)[..., :Lk]
+        o = (p8 @ vd.double().transpose(1, 2)) / l + v_shift.double().transpose(1, 2)
     else:
-        raise ValueError(f"mode must be 'int8-fp8' or 'int8', got {mode!r}")
+        raise ValueError(f"mode must be 'int8-fp8', 'int8' or 'int8-int8', got {mode!r}")
     return o.transpose(1, 2)
 
 
@@ -109,9 +131,9 @@ def attention_lp_ref(q, k, v, scale: float | None = None, mode: str = "int8-fp8"
 
 
 @jit
-def _attn_step(acc, l_i, m_i, q, row_fac, desc_k, desc_v, KS, kv_row, kv_col, vt_row, n0, Lk,
-               BLOCK_N: tl.constexpr, MODE: tl.constexpr, K_BLOCK: tl.constexpr, MASK: tl.constexpr,
-               DOT_F32: tl.constexpr):
+def _attn_step(acc, l_i, m_i, q, row_fac, desc_k, desc_v, KS, VADD, kv_row, kv_col, vt_row, n0, Lk,
+               D: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, K_BLOCK: tl.constexpr,
+               MASK: tl.constexpr, DOT_F32: tl.constexpr):
     k = desc_k.load([kv_row + n0, kv_col])
     if MODE == 0:
         if DOT_F32:
@@ -130,20 +152,34 @@ def _attn_step(acc, l_i, m_i, q, row_fac, desc_k, desc_v, KS, kv_row, kv_col, vt
     if MASK:
         # keys past Lk: zero-filled by TMA at the end of the tensor, the next sample's keys otherwise
         s = tl.where((n0 + tl.arange(0, BLOCK_N))[None, :] < Lk, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * fac - base)
-    # mode 1: P scaled into e4m3's range (max 448 = 2^8.807) through the exponent; l_i carries the
-    # same factor, so it cancels at the end
-    sub = base + m_new - (8.807354922057604 if MODE == 1 else 0.0)
-    x = s * fac[:, None] - sub[:, None]
+    m_blk = tl.max(s, 1) * fac - base  # this block's row max (log2 units)
+    m_new = tl.maximum(m_i, m_blk)
     alpha = tl.math.exp2(m_i - m_new)
-    if MODE == 1:
-        p = tl.math.exp2(x)
+    if MODE == 3:
+        # P against this block's own row max, on the signed grid n = round(254 p) - 127: the float
+        # 254 p + (1.5 * 2^23 - 127) holds n + 1.5 * 2^23 exactly (round to nearest even), and its
+        # low byte is n
+        p = tl.math.exp2(s * fac[:, None] - (base + m_blk)[:, None])
+        beta = tl.math.exp2(m_blk - m_new)
+        pn = ((p * 254.0 + 12582785.0).to(tl.int32, bitcast=True)).to(tl.int8)
+        vt = desc_v.load([vt_row, n0])
+        # sum_j n_j v_j + 127 sum_j v_j (VADD holds 0x4B400000 + 127 * the block's column sums of V:
+        # |254 * 127 * 128| < 2^22, so the float is again exact)
+        pv = tl.dot(pn, vt.T) + tl.load(VADD + (n0 // BLOCK_N) * D + tl.arange(0, D))[None, :]
+        w = beta * (1.0 / 254.0)
+        pvf = pv.to(tl.float32, bitcast=True) * w[:, None] - (12582912.0 * w)[:, None]
+        acc = acc * alpha[:, None] + pvf
+        l_i = l_i * alpha + tl.sum(p, 1) * beta
+    elif MODE == 1:
+        # P scaled into e4m3's range (max 448 = 2^8.807) through the exponent; l_i carries the same
+        # factor, so it cancels at the end
+        p = tl.math.exp2(s * fac[:, None] - (base + m_new - 8.807354922057604)[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         vt = desc_v.load([vt_row, n0])
         acc = tl.dot(p.to(tl.float8e4nv), vt.T, acc * alpha[:, None])
     else:
         acc = acc * alpha[:, None]
-        p = tl.math.exp2(x)
+        p = tl.math.exp2(s * fac[:, None] - (base + m_new)[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = desc_v.load([kv_row + n0, kv_col])
         if DOT_F32:
@@ -154,11 +190,10 @@ def _attn_step(acc, l_i, m_i, q, row_fac, desc_k, desc_v, KS, kv_row, kv_col, vt
 
 
 @jit
-def _attn_fwd_kernel(desc_q, desc_k, desc_v, O, QS, KS, VS, VM,
-                     Lq, Lk, H, n_kblk, stride_ob, stride_ol, qk_scale,
+def _attn_fwd_kernel(desc_q, desc_k, desc_v, O, QS, KS, VS, VM, VADD,
+                     Lq, Lk, H, n_kblk, n_vblk, stride_ob, stride_ol, qk_scale,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     MODE: tl.constexpr, K_BLOCK: tl.constexpr, WS: tl.constexpr,
-                     DOT_F32: tl.constexpr):
+                     MODE: tl.constexpr, K_BLOCK: tl.constexpr, DOT_F32: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -180,20 +215,16 @@ def _attn_fwd_kernel(desc_q, desc_k, desc_v, O, QS, KS, VS, VM,
     kv_col = h * D
     vt_row = bh * D
     ks_ptr = KS + bh * n_kblk
+    vadd_ptr = VADD + bh * n_vblk * D
     n_full = Lk // BLOCK_N
-    if WS:
-        for j in tl.range(0, n_full, warp_specialize=True):
-            acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, row_fac, desc_k, desc_v, ks_ptr, kv_row, kv_col,
-                                       vt_row, j * BLOCK_N, Lk, BLOCK_N, MODE, K_BLOCK, False, DOT_F32)
-    else:
-        for j in range(0, n_full):
-            acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, row_fac, desc_k, desc_v, ks_ptr, kv_row, kv_col,
-                                       vt_row, j * BLOCK_N, Lk, BLOCK_N, MODE, K_BLOCK, False, DOT_F32)
+    for j in range(n_full):
+        acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, row_fac, desc_k, desc_v, ks_ptr, vadd_ptr, kv_row, kv_col,
+                                   vt_row, j * BLOCK_N, Lk, D, BLOCK_N, MODE, K_BLOCK, False, DOT_F32)
     if n_full * BLOCK_N < Lk:
-        acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, row_fac, desc_k, desc_v, ks_ptr, kv_row, kv_col,
-                                   vt_row, n_full * BLOCK_N, Lk, BLOCK_N, MODE, K_BLOCK, True, DOT_F32)
+        acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, row_fac, desc_k, desc_v, ks_ptr, vadd_ptr, kv_row, kv_col,
+                                   vt_row, n_full * BLOCK_N, Lk, D, BLOCK_N, MODE, K_BLOCK, True, DOT_F32)
     acc = acc / l_i[:, None]
-    if MODE == 1:
+    if MODE == 1 or MODE == 3:
         vs = tl.load(VS + bh * D + offs_d)
         vm = tl.load(VM + bh * D + offs_d)
         acc = acc * vs[None, :] + vm[None, :]
@@ -229,9 +260,11 @@ def _quant_qk_kernel(X, XM, O, S, L, H, n_blk, stride_xb, stride_xl,
 
 
 @jit
-def _quant_v_kernel(X, XM, XS, O, E, L, Lp, H, stride_xb, stride_xl, D: tl.constexpr, BLOCK: tl.constexpr):
-    """X [B, L, H, D] -> O e4m3 [B, H, D, Lp] = (x - mean) / scale per channel, zeros past L;
-    E [n_blocks, B, H, D]: this block's sum of rounding errors (in scaled units) per channel."""
+def _quant_v_kernel(X, XM, XS, O, E, VADD, L, Lp, H, stride_xb, stride_xl, D: tl.constexpr, BLOCK: tl.constexpr,
+                    INT8: tl.constexpr):
+    """X [B, L, H, D] -> O e4m3 or int8 [B, H, D, Lp] = (x - mean) / scale per channel, zeros past L;
+    E [n_blocks, B, H, D]: this block's sum of rounding errors (in scaled units) per channel;
+    INT8: VADD [B, H, n_blocks, D] int32 = 0x4B400000 + 127 * this block's column sums (mode 3)."""
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -242,7 +275,12 @@ def _quant_v_kernel(X, XM, XS, O, E, L, Lp, H, stride_xb, stride_xl, D: tl.const
     x = tl.load(X + b.to(tl.int64) * stride_xb + offs[:, None].to(tl.int64) * stride_xl + h * D + offs_d[None, :],
                 mask=rm, other=0.0).to(tl.float32)
     x = tl.where(rm, (x - tl.load(XM + bh * D + offs_d)[None, :]) / tl.load(XS + bh * D + offs_d)[None, :], 0.0)
-    xq = x.to(O.dtype.element_ty)
+    if INT8:
+        xq = tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)  # fp32 -> int truncates: round half away
+        tl.store(VADD + (bh * tl.num_programs(0) + pid_t) * D + offs_d,
+                 0x4B400000 + 127 * tl.sum(xq.to(tl.int32), axis=0))
+    else:
+        xq = x.to(O.dtype.element_ty)
     tl.store(E + (pid_t * tl.num_programs(1) + bh) * D + offs_d, tl.sum(xq.to(tl.float32) - x, axis=0))
     o_ptr = O + (bh.to(tl.int64) * D + offs_d[:, None]) * Lp + offs[None, :]
     tl.store(o_ptr, tl.trans(xq), mask=offs[None, :] < Lp)
@@ -257,7 +295,6 @@ class AttnConfig:
     block_n: int = 128
     num_warps: int = 8
     num_stages: int = 2
-    warp_specialize: bool = False
 
 
 # Tuned on H100 (torch 2.11, Triton 3.6) at L = 48360, H = 40, D = 128 (bench/kernels.py --sweep;
@@ -266,6 +303,7 @@ DEFAULT_CONFIGS = {
     "bf16": AttnConfig(128, 128, 8, 3),
     "int8-fp8": AttnConfig(64, 128, 4, 3),  # 104 KB of shared memory: two programs per SM
     "int8": AttnConfig(128, 64, 4, 4),
+    "int8-int8": AttnConfig(64, 128, 4, 2),
 }
 # Small blocks keep the CPU interpreter quick.
 INTERPRETER_CONFIG = AttnConfig(32, 16, 4, 1)
@@ -294,8 +332,9 @@ def _desc(t: torch.Tensor, block: list[int]):
     return TensorDescriptor(t, [B * L, H * D], [t.stride(1), 1], block)
 
 
-def quantize_qkv(q, k, v, mode: str, k_block: int = K_BLOCK, block: int = 128):
-    """Device-side quantization for modes 1/2 (see module docstring). Returns the kernel's inputs."""
+def quantize_qkv(q, k, v, mode: str, k_block: int = K_BLOCK, block: int = 128, v_block: int = 128):
+    """Device-side quantization for modes 1-3 (see module docstring). Returns the kernel's inputs;
+    `v_block` is the kernel's block_n (mode 3's column sums of V are per key block)."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     dev = q.device
@@ -311,21 +350,26 @@ def quantize_qkv(q, k, v, mode: str, k_block: int = K_BLOCK, block: int = 128):
         k, k_mean, k8, ks, Lk, H, n_kblk, k.stride(0), k.stride(1), D=D, BLOCK=k_block,
         PER_TOKEN=False, SMOOTH=True)
     if mode == "int8":
-        return q8, qs, k8, ks, v, None, None
+        return q8, qs, k8, ks, v, None, None, None
+    int8 = mode == "int8-int8"
+    if int8:
+        block = v_block  # VADD's blocks are the kernel's key blocks
     v_mean = v.mean(dim=1, dtype=torch.float32).contiguous()
     vmin, vmax = torch.aminmax(v, dim=1)
-    v_scale = (torch.maximum(vmax.float() - v_mean, v_mean - vmin.float()).clamp_min(1e-12) / FP8_MAX).contiguous()
+    v_scale = (torch.maximum(vmax.float() - v_mean, v_mean - vmin.float()).clamp_min(1e-12)
+               / (127.0 if int8 else FP8_MAX)).contiguous()
     Lp = triton.cdiv(Lk, 16) * 16  # TMA wants 16-byte row strides
-    vt = torch.empty((B, H, D, Lp), dtype=torch.float8_e4m3fn, device=dev)
+    vt = torch.empty((B, H, D, Lp), dtype=torch.int8 if int8 else torch.float8_e4m3fn, device=dev)
     n_vblk = triton.cdiv(Lp, block)
     err = torch.empty((n_vblk, B, H, D), dtype=torch.float32, device=dev)
+    vadd = torch.empty((B, H, n_vblk, D) if int8 else (1,), dtype=torch.int32, device=dev)
     _quant_v_kernel[(n_vblk, B * H)](
-        v, v_mean, v_scale, vt, err, Lk, Lp, H, v.stride(0), v.stride(1), D=D, BLOCK=block)
+        v, v_mean, v_scale, vt, err, vadd, Lk, Lp, H, v.stride(0), v.stride(1), D=D, BLOCK=block, INT8=int8)
     # The rounding errors of one channel do not average out over the keys: their mean (~2x its
     # random size after smoothing, 2.5e-4 of |v| at L = 48k) adds to every output row coherently,
     # while the output itself shrinks like 1/sqrt(L). Taking it off the shift costs nothing.
     v_shift = (v_mean - err.sum(0) * v_scale / Lk).contiguous()
-    return q8, qs, k8, ks, vt, v_scale, v_shift
+    return q8, qs, k8, ks, vt, v_scale, v_shift, vadd
 
 
 def _launch_attention(q, k, v, scale: float, mode: str, config: AttnConfig | None = None,
@@ -337,6 +381,8 @@ def _launch_attention(q, k, v, scale: float, mode: str, config: AttnConfig | Non
     cfg = config or (INTERPRETER_CONFIG if q.device.type == "cpu" else DEFAULT_CONFIGS[mode])
     if k_block % cfg.block_n:
         raise ValueError(f"k_block {k_block} must be a multiple of block_n {cfg.block_n}")
+    if mode == "int8-int8" and cfg.block_n > 128:
+        raise ValueError("int8-int8 needs block_n <= 128 (its int32 P.V tiles must stay below 2^22)")
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     if D not in (64, 128):
@@ -344,14 +390,18 @@ def _launch_attention(q, k, v, scale: float, mode: str, config: AttnConfig | Non
     out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=q.device)
     md = MODES[mode]
     q, k, v = (_rows2d(t) for t in (q, k, v))
+    vadd = out  # unused unless mode 3
+    n_vblk = 1
     if md == 0:
         qs = ks = vs = vm = out  # unused
         n_kblk = 1
         dv = _desc(v, [cfg.block_n, D])
     else:
-        q, qs, k, ks, vq, vs, vm = quantize_qkv(q, k, v, mode, k_block)
+        q, qs, k, ks, vq, vs, vm, vadd_ = quantize_qkv(q, k, v, mode, k_block, v_block=cfg.block_n)
         n_kblk = ks.shape[-1]
-        if md == 1:
+        if md == 3:
+            vadd, n_vblk = vadd_, vadd_.shape[2]
+        if md in (1, 3):
             dv = TensorDescriptor(vq, [B * H * D, vq.shape[-1]], [vq.shape[-1], 1], [D, cfg.block_n])
         else:
             dv = _desc(vq, [cfg.block_n, D])
@@ -360,18 +410,20 @@ def _launch_attention(q, k, v, scale: float, mode: str, config: AttnConfig | Non
     dk = _desc(k, [cfg.block_n, D])
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)
     _attn_fwd_kernel[grid](
-        dq, dk, dv, out, qs, ks, vs, vm, Lq, Lk, H, n_kblk, out.stride(0), out.stride(1), scale * LOG2E,
-        D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=md, K_BLOCK=k_block, WS=cfg.warp_specialize,
-        DOT_F32=q.device.type == "cpu", num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        dq, dk, dv, out, qs, ks, vs, vm, vadd, Lq, Lk, H, n_kblk, n_vblk, out.stride(0), out.stride(1),
+        scale * LOG2E, D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=md, K_BLOCK=k_block,
+ DOT_F32=q.device.type == "cpu", num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return out
 
 
 @torch.library.custom_op("storymem::flash_attention", mutates_args=())
 def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mode: str) -> torch.Tensor:
     if not use_triton(q):
+        # contiguous, like the kernel's output and the fake below (torch.compile relies on that)
         if mode == "bf16":
-            return attention_ref(q, k, v, scale).to(torch.bfloat16)
-        return attention_lp_ref(q, k, v, scale, mode).to(torch.bfloat16)
+            return attention_ref(q, k, v, scale).to(torch.bfloat16).contiguous()
+        return attention_lp_ref(q, k, v, scale, mode).to(torch.bfloat16).contiguous()
     return _launch_attention(q, k, v, scale, mode)
 
 
@@ -454,7 +506,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "au
     """Self/cross attention for the engine: q [B, Lq, H, D], k, v [B, Lk, H, D] -> [B, Lq, H, D].
 
     impl: "auto" (bf16 CUDA: the faster of our kernel and cuDNN SDPA for this shape, timed once and
-    cached; elsewhere SDPA), "triton" (ours, bf16), "int8-fp8" / "int8" (ours, low precision),
+    cached; elsewhere SDPA), "triton" (ours, bf16), "int8-int8" / "int8-fp8" / "int8" (ours, low
+    precision),
     "sdpa" (cuDNN SDPA), "flash" (SDPA's flash backend), "math" (SDPA's math backend).
     """
     _check_qkv(q, k, v)
@@ -464,7 +517,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "au
         impl = _auto_choice(q, k, v, scale)
     if impl == "triton":
         return flash_attention(q, k, v, scale, "bf16")
-    if impl in ("int8-fp8", "int8"):
+    if impl in ("int8-fp8", "int8", "int8-int8"):
         return flash_attention(q, k, v, scale, impl)
     if impl == "sdpa":
         return sdpa(q, k, v, scale, "cudnn")
@@ -472,7 +525,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "au
         return sdpa(q, k, v, scale, None)
     if impl in ("flash", "math", "efficient"):
         return sdpa(q, k, v, scale, impl)
-    raise ValueError(f"impl must be one of auto, triton, int8-fp8, int8, sdpa, flash, efficient, math; got {impl!r}")
+    raise ValueError("impl must be one of auto, triton, int8-int8, int8-fp8, int8, sdpa, flash, efficient, math; "
+                     f"got {impl!r}")
 
 
 def clear_auto_cache() -> None:

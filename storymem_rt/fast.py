@@ -7,7 +7,8 @@ and `denoise_fast` is the same loop without host synchronisation. What changes:
 - self-attention q, k, v are one GEMM (`qkv` [3C, C]); q/k RMSNorm + 3D RoPE is one pass
   (`kernels.qk_norm_rope`, tables built from the frame-position table, memory frames at
   negative positions); attention reads the projection layout [B, L, H, D] directly (cuDNN or
-  our Triton kernel, whichever is faster for the shape, timed once; or FP8 `int8-fp8`);
+  our Triton kernel, whichever is faster for the shape, timed once; or low precision `int8-fp8`
+  or `int8-int8`);
 - adaLN (LayerNorm + (1 + scale) * x + shift) and the gated residual are one kernel each
   (`kernels.adaln`); the cross-attention LayerNorm with affine is the same kernel with
   shift = bias and scale = weight - 1;
@@ -70,7 +71,7 @@ __all__ = [
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 PRECISIONS = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp32": torch.float32}
-SELF_ATTENTION = ("auto", "cudnn", "triton", "sdpa", "int8-fp8", "int8")
+SELF_ATTENTION = ("auto", "cudnn", "triton", "sdpa", "int8-int8", "int8-fp8", "int8")
 CROSS_ATTENTION = ("auto", "cudnn", "triton", "sdpa")
 OPS = ("auto", "kernels", "torch")
 CFG_MODES = ("batched", "sequential")

@@ -208,7 +208,21 @@ def test_attention_int8_fp8():
     assert rel(out, attention_lp_ref(q, k, v, mode="int8-fp8", k_block=32)) < 0.1
 
 
-@pytest.mark.parametrize("mode,bound", [("int8", 2e-2), ("int8-fp8", 5e-2)])
+def test_attention_int8_int8():
+    """INT8 P.V: P against each key block's row max on the signed 255-level grid, V INT8 per channel."""
+    q, k, v = _attn_inputs(2, 37, 70, 2)  # 5 key blocks of 16, the last one masked
+    bn = attn_mod.INTERPRETER_CONFIG.block_n
+    out = attn_mod._launch_attention(q, k, v, 128**-0.5, "int8-int8", k_block=32)
+    # the kernel is the emulation's math: only the interpreter's truncating bf16 store and ties differ
+    # (~3e-3); dropping the block's 127 * colsum(V) term gives 0.62, a missing block weight 0.71
+    assert rel(out, attention_lp_ref(q, k, v, mode="int8-int8", k_block=32, block_n=bn)) < 8e-3
+    assert rel(out, attention_ref(q, k, v)) < 2.5e-2
+    # the grid depends on the kernel's key blocks: the emulation at another block size differs
+    assert rel(attention_lp_ref(q, k, v, mode="int8-int8", k_block=32, block_n=bn),
+               attention_lp_ref(q, k, v, mode="int8-int8", k_block=32, block_n=32)) > 1e-4
+
+
+@pytest.mark.parametrize("mode,bound", [("int8", 2e-2), ("int8-int8", 2e-2), ("int8-fp8", 5e-2)])
 def test_low_precision_reference_math(mode, bound):
     """The quantization scheme itself, in torch: error against float64 as documented."""
     q, k, v = _attn_inputs(1, 64, 400, 2, normed=False)
@@ -275,6 +289,15 @@ def test_gated_residual(xdtype):
 
 
 # ----------------------------------------------------------------------------- torch ops
+
+
+@pytest.mark.parametrize("mode", sorted(attn_mod.MODES))
+def test_attention_torch_fallback_matches_its_fake(monkeypatch, mode):
+    """Without the interpreter a CPU tensor takes the torch reference: its output must have the
+    kernel's (and the fake's) contiguous layout, or torch.compile breaks on the CPU."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 20, 2, 128).bfloat16()
+    torch.library.opcheck(torch.ops.storymem.flash_attention, (q, q, q, 0.1, mode))
 
 
 def test_ops_are_registered_for_compile_and_export():
