@@ -107,11 +107,17 @@ def _diff_settings(old: dict, new: dict, prefix="") -> list[str]:
 # --------------------------------------------------------------------------- memory bank
 
 
+def ref_source(index: int, path) -> str:
+    """Memory id of the `index`-th (from 0) reference image: numbered, so two files with one name
+    in different folders stay two entries."""
+    return f"ref:{index + 1}:{Path(path).name}"
+
+
 @dataclass
 class MemoryEntry:
     latent: torch.Tensor  # [16, 1, h, w] on the device
     embedding: torch.Tensor | None  # [E] CLIP embedding (for dedupe), None for reference images w/o CLIP
-    source: str  # "ref:NAME" or "SHOT_ID:FRAME"
+    source: str  # "ref:N:NAME" (N-th reference image, from 1) or "SHOT_ID:FRAME"
     thumb: torch.Tensor  # uint8 [H, W, 3] on the CPU, for the storyboard
 
 
@@ -303,7 +309,7 @@ class StoryRenderer:
         u8 = ((imgs + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
         for j, p in enumerate(paths):
             bank.entries.append(MemoryEntry(latent=lat[:, j:j + 1], embedding=None if embs is None else embs[j],
-                                            source=f"ref:{Path(p).name}", thumb=u8[j]))
+                                            source=ref_source(j, p), thumb=u8[j]))
 
     # ---- the loop
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from safetensors.torch import load_file
 
 from storymem_rt.cli import main
 from storymem_rt.media import probe_video, read_video
@@ -114,7 +115,7 @@ def _check_memory_policy(m: dict) -> int:
     """Replays the bank from the manifest (reference images, then every shot's keyframes in
     plan order) and checks each shot's memory. Returns the largest bank a shot saw."""
     s = m["settings"]
-    bank = [f"ref:{Path(p).name}" for p in s["plan"]["reference_images"]]
+    bank = [f"ref:{i + 1}:{Path(p).name}" for i, p in enumerate(s["plan"]["reference_images"])]
     largest = 0
     for p in m["plan"]:
         sid = f"{p['scene']:02d}_{p['shot']:02d}"
@@ -243,11 +244,27 @@ def test_reference_images_run(work):
     assert m["settings"]["plan"]["reference_images"] == [str(a), str(b)]
     shots = [m["shots"][k] for k in ("01_01", "01_02", "01_03")]
     assert [s["mode"] for s in shots] == ["m2v", "m2v", "m2v"]
-    assert shots[0]["memory"] == ["ref:a.png", "ref:b.png"]
+    assert shots[0]["memory"] == ["ref:1:a.png", "ref:2:b.png"]
     for s in shots:  # --fix 2: the references never leave the memory
-        assert s["memory"][:2] == ["ref:a.png", "ref:b.png"]
+        assert s["memory"][:2] == ["ref:1:a.png", "ref:2:b.png"]
     largest = _check_memory_policy(m)
     assert largest > 3, "the tiny render no longer forces the memory window"
+
+
+def test_reference_images_with_one_name_stay_apart(work):
+    """Two files called a.png in different folders are two memory entries, not one."""
+    a, b = _make_reference_images(work)
+    (work / "other").mkdir()
+    b2 = work / "other" / "a.png"
+    b2.write_bytes(b.read_bytes())
+    out = work / "refs-same-name"
+    r = _invoke(["render", str(work / "story3_cuts.json"), "--out", str(out), "--reference-images", str(a), str(b2),
+                 "--frame-num", "5", *SMALL])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "render.json").read_text())
+    assert m["shots"]["01_01"]["memory"] == ["ref:1:a.png", "ref:2:a.png"]
+    mem = load_file(out / "state" / "memory.safetensors")
+    assert not torch.equal(mem["latent.0"], mem["latent.1"])  # the two images, both kept
 
 
 # --------------------------------------------------------------------------- resume
