@@ -72,6 +72,11 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:
+            if e.ctx is None:
+                raise
+            # one line, not click's usage banner above it; the hint says where the options are
+            raise click.UsageError(f"{e.format_message()} (see '{e.ctx.command_path} --help')") from None
         except StoryError as e:
             raise StoryFileError(str(e)) from None
         except StoryMemError as e:

@@ -297,6 +297,7 @@ def test_missing_file_and_folder(dirs):
     (["--seed", "-1"], "--seed"),
     (["--seed-policy", "random"], "--seed-policy"),
     (["--reference-images", "missing.png"], "missing.png"),
+    (["--no-such-option"], "No such option"),
 ])
 def test_usage_errors(dirs, args, expected):
     inp, cwd = dirs
@@ -306,7 +307,9 @@ def test_usage_errors(dirs, args, expected):
     r = invoke(["validate", p, *args], cwd)
     assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
     assert "Traceback" not in r.output and r.stdout == ""
-    assert expected in r.stderr.splitlines()[-1]
+    lines = r.stderr.strip().splitlines()  # one line: no usage banner above it
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], r.stderr
+    assert lines[0].endswith("(see 'main validate --help')"), lines[0]
     assert list(cwd.iterdir()) == []
 
 
