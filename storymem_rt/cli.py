@@ -66,17 +66,28 @@ def setup_logging(verbose: int) -> None:
     logger.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING)
 
 
+def _one_line(e: click.UsageError) -> click.UsageError:
+    """A usage error as one `Error:` line with a --help hint, not click's usage banner above it
+    (a bare `storymem-rt`, which shows the help, stays as it is)."""
+    if e.ctx is None or isinstance(e, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+        return e
+    return click.UsageError(f"{e.format_message()} (see '{e.ctx.command_path} --help')")
+
+
 class _Group(click.Group):
     """Turns our user-facing exceptions into click's, so no command prints a traceback for them."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as e:
+            raise _one_line(e) from None
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except click.UsageError as e:
-            if e.ctx is None:
-                raise
-            # one line, not click's usage banner above it; the hint says where the options are
-            raise click.UsageError(f"{e.format_message()} (see '{e.ctx.command_path} --help')") from None
+            raise _one_line(e) from None
         except StoryError as e:
             raise StoryFileError(str(e)) from None
         except StoryMemError as e:

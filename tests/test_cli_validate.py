@@ -313,6 +313,15 @@ def test_usage_errors(dirs, args, expected):
     assert list(cwd.iterdir()) == []
 
 
+@pytest.mark.parametrize("args,expected", [(["--bogus"], "No such option"), (["nocmd"], "No such command"),
+                                           (["render"], "Missing argument 'STORY'")])
+def test_usage_errors_of_the_group_are_one_line(tmp_path, args, expected):
+    r = invoke(args, tmp_path)
+    assert r.exit_code == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], r.stderr
+
+
 def test_usage_error_before_reading_the_story(dirs):
     # Conflicting flags are reported even when the story would also be broken.
     inp, cwd = dirs
