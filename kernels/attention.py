@@ -233,11 +233,8 @@ def _attn_fwd_kernel(desc_q, desc_k, desc_v, O, QS, KS, VS, VM, VADD,
 
 
 @jit
-def _quant_qk_kernel(X, XM, O, S, L, H, n_blk, stride_xb, stride_xl,
-                     D: tl.constexpr, BLOCK: tl.constexpr, PER_TOKEN: tl.constexpr, SMOOTH: tl.constexpr):
-    """X [B, L, H, D] -> O int8 [B, L, H, D]; S [B, L, H] (PER_TOKEN) or [B, H, n_blk] (per block)."""
-    pid_t = tl.program_id(0)
-    bh = tl.program_id(1)
+def _load_token_block(X, L, H, stride_xb, stride_xl, pid_t, bh, D: tl.constexpr, BLOCK: tl.constexpr):
+    """Tokens pid_t * BLOCK + [0, BLOCK) of head bh % H of X [B, L, H, D] as fp32 (zeros past L)."""
     b = bh // H
     h = bh - b * H
     offs = pid_t * BLOCK + tl.arange(0, BLOCK)
@@ -245,6 +242,22 @@ def _quant_qk_kernel(X, XM, O, S, L, H, n_blk, stride_xb, stride_xl,
     rm = offs[:, None] < L
     x = tl.load(X + b.to(tl.int64) * stride_xb + offs[:, None].to(tl.int64) * stride_xl + h * D + offs_d[None, :],
                 mask=rm, other=0.0).to(tl.float32)
+    return b, h, offs, offs_d, rm, x
+
+
+@jit
+def _round_to_int8(x):
+    """fp32 -> int8, rounding half away from zero (the conversion itself truncates)."""
+    return tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)
+
+
+@jit
+def _quant_qk_kernel(X, XM, O, S, L, H, n_blk, stride_xb, stride_xl,
+                     D: tl.constexpr, BLOCK: tl.constexpr, PER_TOKEN: tl.constexpr, SMOOTH: tl.constexpr):
+    """X [B, L, H, D] -> O int8 [B, L, H, D]; S [B, L, H] (PER_TOKEN) or [B, H, n_blk] (per block)."""
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h, offs, offs_d, rm, x = _load_token_block(X, L, H, stride_xb, stride_xl, pid_t, bh, D, BLOCK)
     if SMOOTH:
         x = tl.where(rm, x - tl.load(XM + bh * D + offs_d)[None, :], 0.0)
     if PER_TOKEN:
@@ -255,8 +268,8 @@ def _quant_qk_kernel(X, XM, O, S, L, H, n_blk, stride_xb, stride_xl,
         scale = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-12) / 127.0
         tl.store(S + bh * n_blk + pid_t, scale)
         v = x / scale
-    v = tl.where(v >= 0, v + 0.5, v - 0.5)  # fp32 -> int truncates: round half away from 0
-    tl.store(O + (b.to(tl.int64) * L + offs[:, None]) * (H * D) + h * D + offs_d[None, :], v.to(tl.int8), mask=rm)
+    tl.store(O + (b.to(tl.int64) * L + offs[:, None]) * (H * D) + h * D + offs_d[None, :], _round_to_int8(v),
+             mask=rm)
 
 
 @jit
@@ -267,16 +280,10 @@ def _quant_v_kernel(X, XM, XS, O, E, VADD, L, Lp, H, stride_xb, stride_xl, D: tl
     INT8: VADD [B, H, n_blocks, D] int32 = 0x4B400000 + 127 * this block's column sums (mode 3)."""
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh - b * H
-    offs = pid_t * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D)
-    rm = offs[:, None] < L
-    x = tl.load(X + b.to(tl.int64) * stride_xb + offs[:, None].to(tl.int64) * stride_xl + h * D + offs_d[None, :],
-                mask=rm, other=0.0).to(tl.float32)
+    b, h, offs, offs_d, rm, x = _load_token_block(X, L, H, stride_xb, stride_xl, pid_t, bh, D, BLOCK)
     x = tl.where(rm, (x - tl.load(XM + bh * D + offs_d)[None, :]) / tl.load(XS + bh * D + offs_d)[None, :], 0.0)
     if INT8:
-        xq = tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)  # fp32 -> int truncates: round half away
+        xq = _round_to_int8(x)
         tl.store(VADD + (bh * tl.num_programs(0) + pid_t) * D + offs_d,
                  0x4B400000 + 127 * tl.sum(xq.to(tl.int32), axis=0))
     else:
