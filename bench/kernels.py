@@ -134,7 +134,10 @@ def bench_attention(L, rep, qo=None, ko=None, n_check=128, quick=False):
         return rel(out[:, rows_idx], ref)
 
     impls = [
-        ("attention bf16 (ours)", lambda: flash_attention(q, k, v, mode="bf16"), ""),
+        ("attention bf16 (ours)", lambda: flash_attention(q, k, v, mode="bf16"),
+         "Gluon, warp-specialized" if attn_mod._use_gluon(q, "bf16") else "tl"),
+        ("attention bf16 (ours, tl kernel)", lambda: attn_mod._launch_attention(q, k, v, D**-0.5, "bf16"),
+         "attention.py"),
         ("attention int8-int8 (ours, incl. quant)", lambda: flash_attention(q, k, v, mode="int8-int8"),
          "INT8 P against block max"),
         ("attention int8-fp8 (ours, incl. quant)", lambda: flash_attention(q, k, v, mode="int8-fp8"), "Sage2-style"),

@@ -6,7 +6,10 @@ Non-causal, one softmax over all keys (the memory frames are ordinary keys at sh
 positions), fp32 accumulation.
 
 Modes (`_attn_fwd_kernel`'s MODE):
-- 0 "bf16": bf16 Q.K and P.V on the tensor cores.
+- 0 "bf16": bf16 Q.K and P.V on the tensor cores. On Hopper `flash_attention` runs this mode with
+  the warp-specialized Gluon kernel in attention_gluon.py (same math, the softmax overlapped with
+  the MMAs; 0.96x cuDNN where this `tl` kernel reaches 0.89x); STORYMEM_ATTN_KERNEL=triton keeps
+  the kernel below, which is also what the CPU interpreter tests.
 - 1 "int8-fp8" (SageAttention2-style): Q as INT8 with one scale per (token, head); K smoothed
   by its mean over tokens (exact: softmax ignores a per-row constant) and INT8 with one scale
   per block of `k_block` tokens; P scaled by 448 into e4m3's range, V smoothed by its mean
@@ -20,7 +23,7 @@ Modes (`_attn_fwd_kernel`'s MODE):
   where e4m3 keeps 3 mantissa bits whatever the scale.
 
 Error against float64 on RMS-normalised, RoPE-rotated random inputs at L = 48k, and speed on an
-H100 (docs/PERF.md): bf16 2.3e-3, 0.89x cuDNN; int8 1.2e-2, 1.10x; int8-int8 1.6e-2, 1.01x;
+H100 (docs/PERF.md): bf16 2.3e-3, 0.89x cuDNN (the Gluon kernel: 0.99x); int8 1.2e-2, 1.10x; int8-int8 1.6e-2, 1.00x;
 int8-fp8 3.6e-2, 1.31x. On random data the output is an incoherent sum, so every per-element
 rounding of P and V shows up in full: e4m3 rounds each element with ~2.6% rms relative error, so
 FP8 P alone costs ~2.6e-2 whatever the scaling; V's rounding costs ~2e-2 once the mean of its
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +45,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton import device_supports_tma, jit, use_triton
+from ._triton import device_supports_tma, is_hopper, jit, use_triton
 
 log = logging.getLogger("storymem_rt.kernels.attention")
 
@@ -424,8 +428,24 @@ def _launch_attention(q, k, v, scale: float, mode: str, config: AttnConfig | Non
     return out
 
 
+def _use_gluon(q: torch.Tensor, mode: str) -> bool:
+    """bf16 on Hopper goes to the warp-specialized Gluon kernel (attention_gluon.py), unless
+    STORYMEM_ATTN_KERNEL=triton asks for the `tl` kernel below."""
+    if mode != "bf16" or q.device.type != "cuda" or q.shape[-1] not in (64, 128):
+        return False
+    if os.environ.get("STORYMEM_ATTN_KERNEL", "gluon") == "triton":
+        return False
+    from .attention_gluon import HAVE_GLUON
+
+    return HAVE_GLUON and is_hopper(q.device.index or 0)
+
+
 @torch.library.custom_op("storymem::flash_attention", mutates_args=())
 def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mode: str) -> torch.Tensor:
+    if _use_gluon(q, mode):
+        from .attention_gluon import flash_attention_ws
+
+        return flash_attention_ws(_rows2d(q), _rows2d(k), _rows2d(v), scale)
     if not use_triton(q):
         # contiguous, like the kernel's output and the fake below (torch.compile relies on that)
         if mode == "bf16":

@@ -1,0 +1,86 @@
+"""Configs of the warp-specialized Gluon attention kernel (kernels/attention_gluon.py), on one GPU.
+
+    python bench/gluon_attn.py [--L 48360] [--configs ws,128,3,1 ws,128,2,0 ...]
+
+Checks each config against float64 at odd lengths (1 to 4099, two samples per batch so the tail
+tile reads the next sample's rows) and on 128 query rows at L, then times them with do_bench
+(median) next to our `tl` kernel (attention.py) and cuDNN SDPA.
+Config = ws,block_n,stages,pingpong (128 query rows per program: two consumer warpgroups).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+from triton.testing import do_bench
+
+from storymem_rt.kernels.attention import attention_ref, sdpa
+from storymem_rt.kernels import attention as attn_mod
+from storymem_rt.kernels.attention_gluon import flash_attention_ws
+
+H, D = 40, 128
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def inputs(L, H=H, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    def one():
+        x = torch.randn(1, L, H, D, device="cuda", generator=g)
+        return (x / x.pow(2).mean(-1, keepdim=True).sqrt()).bfloat16()
+    return one(), one(), torch.randn(1, L, H, D, device="cuda", generator=g).bfloat16()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--L", type=int, default=48360)
+    ap.add_argument("--configs", nargs="*", default=["ws,128,3,1", "ws,128,3,0", "ws,128,2,1", "ws,64,6,1"])
+    ap.add_argument("--rep", type=int, default=1000)
+    a = ap.parse_args()
+    cfgs = [c.split(",") for c in a.configs]
+
+    def run(cfg, q, k, v):  # ws,block_n,stages,pingpong
+        return flash_attention_ws(q, k, v, block_n=int(cfg[1]), stages=int(cfg[2]), pingpong=bool(int(cfg[3])))
+
+    res = dict(device=torch.cuda.get_device_name(), rows=[])
+    # correctness at small odd shapes, two samples per batch (the tail tile reads the next sample's rows)
+    for L in (1, 63, 64, 65, 129, 1000, 4099):
+        q, k, v = inputs(L, H=3, seed=L)
+        q, k, v = (torch.cat([t, t.flip(1)], 0) for t in (q, k, v))
+        ref = attention_ref(q, k, v)
+        for cfg in cfgs:
+            try:
+                e = rel(run(cfg, q, k, v), ref)
+            except Exception as ex:  # report and go on
+                e = f"{type(ex).__name__}: {str(ex)[:200]}"
+            print(f"check L={L} cfg={','.join(cfg)}: rel err {e}", flush=True)
+            res["rows"].append(dict(check_L=L, cfg=cfg, err=e))
+    L = a.L
+    q, k, v = inputs(L)
+    idx = torch.randperm(L, device="cuda")[:128]
+    ref = attention_ref(q[:, idx], k, v)
+    flops = 4.0 * L * L * H * D
+    impls = [("triton bf16 (ours, tl)", lambda: attn_mod._launch_attention(q, k, v, D**-0.5, "bf16")),
+             ("cuDNN", lambda: sdpa(q, k, v, backend="cudnn"))]
+    for cfg in cfgs:
+        impls.append((f"gluon {','.join(cfg)}", lambda cfg=cfg: run(cfg, q, k, v)))
+    for name, fn in impls:
+        try:
+            e = rel(fn()[:, idx], ref)
+            ms = do_bench(fn, warmup=200, rep=a.rep, return_mode="median")
+            print(f"{name:40s} L={L}: {ms:8.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s rel err {e:.1e}", flush=True)
+            res["rows"].append(dict(name=name, L=L, ms=ms, tflops=flops / ms / 1e9, err=e))
+        except Exception as ex:
+            print(f"{name}: failed {type(ex).__name__}: {str(ex)[:300]}", flush=True)
+    out = os.environ.get("OUT")
+    if out:
+        json.dump(res, open(os.path.join(out, "gluon_attn.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

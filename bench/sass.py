@@ -1,0 +1,118 @@
+"""Compile an attention kernel for sm_90a without a GPU and count its SASS instructions.
+
+    python bench/sass.py --mode bf16 --cfg 128,128,8,3 [--dump out.sass]
+    python bench/sass.py --mode gluon --cfg 128,3,1,240      # the warp-specialized Gluon kernel
+
+Triton's bundled ptxas/nvdisasm do the work, so this runs on a CPU-only machine (its Triton may be
+newer than the device's: counts are a guide to the instruction mix, not the device's exact code).
+Prints the instruction histogram of the kernel's hottest loop (the longest backward branch
+target range), which is what the tile time model in kernels/NOTES.md counts.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def compile_attention(mode: str, bm: int, bn: int, warps: int, stages: int, D: int = 128):
+    import torch
+
+    torch.cuda.is_available = lambda: True  # make kernels/_triton.jit build compiled (not interpreter) kernels
+    from storymem_rt.kernels import attention as A
+
+    md = A.MODES[mode]
+    qdt = "bf16" if md == 0 else "i8"
+    vdt = {0: "bf16", 1: "fp8e4nv", 2: "bf16", 3: "i8"}[md]
+    vblock = f"[{bn}, {D}]" if md in (0, 2) else f"[{D}, {bn}]"
+    sig = {"desc_q": f"tensordesc<{qdt}[{bm}, {D}]>", "desc_k": f"tensordesc<{qdt}[{bn}, {D}]>",
+           "desc_v": f"tensordesc<{vdt}{vblock}>", "O": "*bf16", "QS": "*fp32", "KS": "*fp32", "VS": "*fp32",
+           "VM": "*fp32", "VADD": "*i32", "Lq": "i32", "Lk": "i32", "H": "i32", "n_kblk": "i32",
+           "n_vblk": "i32", "stride_ob": "i32", "stride_ol": "i32", "qk_scale": "fp32",
+           "D": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "MODE": "constexpr",
+           "K_BLOCK": "constexpr", "DOT_F32": "constexpr"}
+    consts = {"D": D, "BLOCK_M": bm, "BLOCK_N": bn, "MODE": md, "K_BLOCK": A.K_BLOCK, "DOT_F32": False}
+    fn = A._attn_fwd_kernel
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def _tool(name: str, k, *args) -> str:
+    exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        return subprocess.run([exe, *args, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass_of(k) -> str:
+    return _tool("nvdisasm", k, "-c")
+
+
+def resources(k) -> str:
+    """Registers, spills and shared memory as cuobjdump reports them."""
+    out = _tool("cuobjdump", k, "-res-usage")
+    m = re.search(r"REG:(\d+).*?SHARED:(\d+)", out, re.S)
+    return f"regs {m.group(1)} shared {m.group(2)} B (static), dynamic {k.metadata.shared} B" if m else out
+
+
+LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def hot_loop(sass: str):
+    """Instructions of the largest loop (a backward BRA to an earlier address)."""
+    ins = []
+    for line in sass.splitlines():
+        m = LINE.search(line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(3), line))
+    best = None
+    for addr, op, line in ins:
+        if op.startswith("BRA"):
+            t = re.search(r"`?\(?\.L_x_(\d+)", line)
+            tgt = re.search(r"0x([0-9a-f]+)", line.split("BRA", 1)[1])
+            if tgt:
+                dst = int(tgt.group(1), 16)
+                if dst < addr and (best is None or addr - dst > best[1] - best[0]):
+                    best = (dst, addr)
+    if best is None:
+        return ins
+    return [x for x in ins if best[0] <= x[0] <= best[1]]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", default="bf16", help="a mode of attention.py, or 'gluon' (attention_gluon.py)")
+    ap.add_argument("--cfg", default="128,128,8,3",
+                    help="block_m,block_n,warps,stages; for gluon: block_n,stages,pingpong,consumer_regs")
+    ap.add_argument("--dump")
+    a = ap.parse_args(argv)
+    if a.mode == "gluon":
+        from storymem_rt.kernels.attention_gluon import compile_ws_sm90
+
+        bn, st, pp, regs = (int(x) for x in a.cfg.split(","))
+        k = compile_ws_sm90(bn, st, bool(pp), regs)
+    else:
+        bm, bn, w, s = (int(x) for x in a.cfg.split(","))
+        k = compile_attention(a.mode, bm, bn, w, s)
+    sass = sass_of(k)
+    if a.dump:
+        open(a.dump, "w").write(sass)
+        open(a.dump + ".ptx", "w").write(k.asm["ptx"])
+    loop = hot_loop(sass)
+    hist = collections.Counter(op.split(".")[0] for _, op, _ in loop)
+    print(f"{a.mode} {a.cfg}: {resources(k)}; hot loop {len(loop)} instructions")
+    for op, n in hist.most_common():
+        print(f"  {op:10s} {n}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
