@@ -226,8 +226,12 @@ def flash_attention_ws(q, k, v, scale: float | None = None, block_n: int = 128, 
     if D not in (64, 128):
         raise ValueError(f"head dim must be 64 or 128, got {D}")
     Lk = k.shape[1]
+    if Lk == 0:  # the consumers would wait forever for a first key block
+        raise ValueError("attention over zero keys")
     scale = D ** -0.5 if scale is None else float(scale)
     out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=q.device)
+    if Lq == 0 or B * H == 0:
+        return out
     dq = _gdesc(q, [64, D])
     dk = _gdesc(k, [block_n, D])
     dv = _gdesc(v, [block_n, D])
