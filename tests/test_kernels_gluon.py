@@ -14,11 +14,15 @@ import os
 import subprocess
 import sys
 
-import pytest
-import torch
+# as in test_kernels.py: whichever kernel test module pytest imports first, triton must first be
+# imported with the interpreter on, or the interpreter tests of the same process break
+os.environ["TRITON_INTERPRET"] = "1"
 
-from storymem_rt.kernels import attention as attn_mod
-from storymem_rt.kernels.attention_gluon import HAVE_GLUON
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from storymem_rt.kernels import attention as attn_mod  # noqa: E402
+from storymem_rt.kernels.attention_gluon import HAVE_GLUON  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not HAVE_GLUON, reason="this Triton has no Gluon (triton.experimental.gluon)")
 
