@@ -68,21 +68,30 @@ LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
 def hot_loop(sass: str):
-    """Instructions of the largest loop (a backward BRA to an earlier address)."""
-    ins = []
+    """Instructions (address, opcode, line, predicated) of the largest loop: the longest predicated
+    backward branch to a label (nvdisasm names branch targets `.L_x_N`); the whole kernel if none."""
+    ins, labels, pending = [], {}, []
     for line in sass.splitlines():
+        lab = re.match(r"\s*(\.L_x_\d+):", line)
+        if lab:
+            pending.append(lab.group(1))
+            continue
         m = LINE.search(line)
         if m:
-            ins.append((int(m.group(1), 16), m.group(3), line))
+            addr = int(m.group(1), 16)
+            for name in pending:
+                labels[name] = addr
+            pending = []
+            ins.append((addr, m.group(3), line, bool(m.group(2))))
     best = None
-    for addr, op, line in ins:
-        if op.startswith("BRA"):
-            t = re.search(r"`?\(?\.L_x_(\d+)", line)
-            tgt = re.search(r"0x([0-9a-f]+)", line.split("BRA", 1)[1])
-            if tgt:
-                dst = int(tgt.group(1), 16)
-                if dst < addr and (best is None or addr - dst > best[1] - best[0]):
-                    best = (dst, addr)
+    for addr, op, line, predicated in ins:
+        # a loop closes with a predicated branch back; the unconditional ones come back from the
+        # mbarrier-wait retry stubs at the end of the kernel
+        tgt = re.search(r"\((\.L_x_\d+)\)", line) if op.startswith("BRA") and predicated else None
+        if tgt and tgt.group(1) in labels:
+            dst = labels[tgt.group(1)]
+            if dst < addr and (best is None or addr - dst > best[1] - best[0]):
+                best = (dst, addr)
     if best is None:
         return ins
     return [x for x in ins if best[0] <= x[0] <= best[1]]
@@ -108,7 +117,7 @@ def main(argv=None):
         open(a.dump, "w").write(sass)
         open(a.dump + ".ptx", "w").write(k.asm["ptx"])
     loop = hot_loop(sass)
-    hist = collections.Counter(op.split(".")[0] for _, op, _ in loop)
+    hist = collections.Counter(op.split(".")[0] for _, op, _, _ in loop)
     print(f"{a.mode} {a.cfg}: {resources(k)}; hot loop {len(loop)} instructions")
     for op, n in hist.most_common():
         print(f"  {op:10s} {n}")
