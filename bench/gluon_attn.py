@@ -1,11 +1,13 @@
 """Configs of the warp-specialized Gluon attention kernel (kernels/attention_gluon.py), on one GPU.
 
-    python bench/gluon_attn.py [--L 48360] [--configs ws,128,3,1 ws,128,2,0 ...]
+    python bench/gluon_attn.py [--L 48360] [--configs ws,128,3,1 ws,128,2,0 i8,128,3,3 ...]
 
 Checks each config against float64 at odd lengths (1 to 4099, two samples per batch so the tail
 tile reads the next sample's rows) and on 128 query rows at L, then times them with do_bench
 (median) next to our `tl` kernel (attention.py) and cuDNN SDPA.
-Config = ws,block_n,stages,pingpong (128 query rows per program: two consumer warpgroups).
+Config = ws,block_n,stages,pingpong (bf16; 128 query rows per program: two consumer warpgroups), or
+i8,block_n,stages,consumers[,consumer_regs] (the int8-int8 kernel: 2 or 3 consumer warpgroups of 64
+rows; consumer_regs 0 or left out: the default for that many).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from triton.testing import do_bench
 
 from storymem_rt.kernels.attention import attention_ref, sdpa
 from storymem_rt.kernels import attention as attn_mod
-from storymem_rt.kernels.attention_gluon import flash_attention_ws
+from storymem_rt.kernels.attention_gluon import flash_attention_ws, flash_attention_ws_int8
 
 H, D = 40, 128
 
@@ -44,7 +46,11 @@ def main():
     a = ap.parse_args()
     cfgs = [c.split(",") for c in a.configs]
 
-    def run(cfg, q, k, v):  # ws,block_n,stages,pingpong
+    def run(cfg, q, k, v):
+        if cfg[0] == "i8":
+            regs = int(cfg[4]) if len(cfg) > 4 and int(cfg[4]) else None
+            return flash_attention_ws_int8(q, k, v, block_n=int(cfg[1]), stages=int(cfg[2]), consumers=int(cfg[3]),
+                                           consumer_regs=regs)
         return flash_attention_ws(q, k, v, block_n=int(cfg[1]), stages=int(cfg[2]), pingpong=bool(int(cfg[3])))
 
     res = dict(device=torch.cuda.get_device_name(), rows=[])
@@ -67,11 +73,17 @@ def main():
     flops = 4.0 * L * L * H * D
     impls = [("triton bf16 (ours, tl)", lambda: attn_mod._launch_attention(q, k, v, D**-0.5, "bf16")),
              ("cuDNN", lambda: sdpa(q, k, v, backend="cudnn"))]
+    if any(c[0] == "i8" for c in cfgs):
+        impls.append(("triton int8-int8 (ours, tl)", lambda: attn_mod._launch_attention(q, k, v, D**-0.5, "int8-int8")))
+    if any(c[0] == "i8" for c in cfgs):
+        impls.append(("int8-int8 quantization pre-pass alone",
+                      lambda: attn_mod.quantize_qkv(q, k, v, "int8-int8", v_block=128, perm32=True)[0]))
     for cfg in cfgs:
         impls.append((f"gluon {','.join(cfg)}", lambda cfg=cfg: run(cfg, q, k, v)))
     for name, fn in impls:
         try:
-            e = rel(fn()[:, idx], ref)
+            out = fn()
+            e = rel(out[:, idx], ref) if out.dtype == torch.bfloat16 else float("nan")
             ms = do_bench(fn, warmup=200, rep=a.rep, return_mode="median")
             print(f"{name:40s} L={L}: {ms:8.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s rel err {e:.1e}", flush=True)
             res["rows"].append(dict(name=name, L=L, ms=ms, tflops=flops / ms / 1e9, err=e))

@@ -139,7 +139,9 @@ def bench_attention(L, rep, qo=None, ko=None, n_check=128, quick=False):
         ("attention bf16 (ours, tl kernel)", lambda: attn_mod._launch_attention(q, k, v, D**-0.5, "bf16"),
          "attention.py"),
         ("attention int8-int8 (ours, incl. quant)", lambda: flash_attention(q, k, v, mode="int8-int8"),
-         "INT8 P against block max"),
+         "Gluon, warp-specialized" if attn_mod._use_gluon(q, "int8-int8") else "tl"),
+        ("attention int8-int8 (ours, tl kernel)", lambda: attn_mod._launch_attention(q, k, v, D**-0.5, "int8-int8"),
+         "attention.py, incl. quant"),
         ("attention int8-fp8 (ours, incl. quant)", lambda: flash_attention(q, k, v, mode="int8-fp8"), "Sage2-style"),
         ("attention int8 QK, bf16 PV (ours, incl. quant)", lambda: flash_attention(q, k, v, mode="int8"), ""),
         ("SDPA cuDNN", lambda: sdpa(q, k, v, backend="cudnn"), "strided [B,L,H,D] views"),
@@ -175,7 +177,8 @@ def bench_attention(L, rep, qo=None, ko=None, n_check=128, quick=False):
     for mode in ("int8-int8", "int8-fp8", "int8"):
         try:
             bn = attn_mod.DEFAULT_CONFIGS[mode].block_n
-            ms_q = bench_ms(lambda: quantize_qkv(q, k, v, mode, v_block=bn), max(50, rep // 10))
+            perm = mode == "int8-int8" and attn_mod._use_gluon(q, mode)  # the Gluon kernel's key order
+            ms_q = bench_ms(lambda: quantize_qkv(q, k, v, mode, v_block=bn, perm32=perm), max(50, rep // 10))
             row(f"  quantize q/k/v for {mode}", L, ms_q, None, note="included above")
         except Exception as ex:
             print(f"quantize {mode} failed: {ex}", flush=True)

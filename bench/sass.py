@@ -2,6 +2,7 @@
 
     python bench/sass.py --mode bf16 --cfg 128,128,8,3 [--dump out.sass]
     python bench/sass.py --mode gluon --cfg 128,3,1,240      # the warp-specialized Gluon kernel
+    python bench/sass.py --mode gluon-int8 --cfg 128,3,3,0   # its int8-int8 sibling
 
 Triton's bundled ptxas/nvdisasm do the work, so this runs on a CPU-only machine (its Triton may be
 newer than the device's: counts are a guide to the instruction mix, not the device's exact code).
@@ -99,9 +100,11 @@ def hot_loop(sass: str):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", default="bf16", help="a mode of attention.py, or 'gluon' (attention_gluon.py)")
+    ap.add_argument("--mode", default="bf16",
+                    help="a mode of attention.py, or 'gluon' / 'gluon-int8' (attention_gluon.py)")
     ap.add_argument("--cfg", default="128,128,8,3",
-                    help="block_m,block_n,warps,stages; for gluon: block_n,stages,pingpong,consumer_regs")
+                    help="block_m,block_n,warps,stages; gluon: block_n,stages,pingpong,consumer_regs; "
+                         "gluon-int8: block_n,stages,consumers,consumer_regs (0: default)")
     ap.add_argument("--dump")
     a = ap.parse_args(argv)
     if a.mode == "gluon":
@@ -109,6 +112,11 @@ def main(argv=None):
 
         bn, st, pp, regs = (int(x) for x in a.cfg.split(","))
         k = compile_ws_sm90(bn, st, bool(pp), regs)
+    elif a.mode == "gluon-int8":
+        from storymem_rt.kernels.attention_gluon import compile_ws_int8_sm90
+
+        bn, st, nc, regs = (int(x) for x in a.cfg.split(","))
+        k = compile_ws_int8_sm90(bn, st, nc, regs or None)
     else:
         bm, bn, w, s = (int(x) for x in a.cfg.split(","))
         k = compile_attention(a.mode, bm, bn, w, s)

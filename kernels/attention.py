@@ -237,16 +237,41 @@ def _attn_fwd_kernel(desc_q, desc_k, desc_v, O, QS, KS, VS, VM, VADD,
 
 
 @jit
-def _load_token_block(X, L, H, stride_xb, stride_xl, pid_t, bh, D: tl.constexpr, BLOCK: tl.constexpr):
-    """Tokens pid_t * BLOCK + [0, BLOCK) of head bh % H of X [B, L, H, D] as fp32 (zeros past L)."""
+def _load_token_block(X, L, H, stride_xb, stride_xl, pid_t, bh, D: tl.constexpr, BLOCK: tl.constexpr,
+                      PERM32: tl.constexpr = False):
+    """Tokens pid_t * BLOCK + [0, BLOCK) of head bh % H of X [B, L, H, D] as fp32 (zeros past L).
+    PERM32: row k of each 32 is token c = 16 (k >> 4) + 8 ((k >> 1) & 1) + 2 ((k >> 2) & 3) + (k & 1) of
+    them (the Gluon int8 kernel's key order, see _quant_v_kernel): a gather of whole rows, so the loads
+    stay coalesced and the transposed store stays contiguous."""
     b = bh // H
     h = bh - b * H
     offs = pid_t * BLOCK + tl.arange(0, BLOCK)
+    if PERM32:
+        k = offs & 31
+        offs = (offs - k) + (k & 16) + ((k >> 1) & 1) * 8 + ((k >> 2) & 3) * 2 + (k & 1)
     offs_d = tl.arange(0, D)
     rm = offs[:, None] < L
     x = tl.load(X + b.to(tl.int64) * stride_xb + offs[:, None].to(tl.int64) * stride_xl + h * D + offs_d[None, :],
                 mask=rm, other=0.0).to(tl.float32)
     return b, h, offs, offs_d, rm, x
+
+
+@jit
+def _kv_stats_kernel(K, V, SK, SV, MN, MX, L, H, stride_kb, stride_kl, stride_vb, stride_vl,
+                     D: tl.constexpr, BLOCK: tl.constexpr, WITH_V: tl.constexpr):
+    """Per block of BLOCK tokens and head: K's column sums (and V's column sums, minima and maxima) into
+    [n_blocks, B*H, D] partials. One read of K and V, where torch's reductions over the strided token
+    axis of [B, L, H, D] took milliseconds at L = 48k."""
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h, offs, offs_d, rm, k = _load_token_block(K, L, H, stride_kb, stride_kl, pid_t, bh, D, BLOCK)
+    out = (pid_t * tl.num_programs(1) + bh) * D + offs_d
+    tl.store(SK + out, tl.sum(k, 0))
+    if WITH_V:
+        b, h, offs, offs_d, rm, v = _load_token_block(V, L, H, stride_vb, stride_vl, pid_t, bh, D, BLOCK)
+        tl.store(SV + out, tl.sum(v, 0))
+        tl.store(MN + out, tl.min(tl.where(rm, v, float("inf")), 0))
+        tl.store(MX + out, tl.max(tl.where(rm, v, float("-inf")), 0))
 
 
 @jit
@@ -278,13 +303,16 @@ def _quant_qk_kernel(X, XM, O, S, L, H, n_blk, stride_xb, stride_xl,
 
 @jit
 def _quant_v_kernel(X, XM, XS, O, E, VADD, L, Lp, H, stride_xb, stride_xl, D: tl.constexpr, BLOCK: tl.constexpr,
-                    INT8: tl.constexpr):
+                    INT8: tl.constexpr, PERM32: tl.constexpr):
     """X [B, L, H, D] -> O e4m3 or int8 [B, H, D, Lp] = (x - mean) / scale per channel, zeros past L;
     E [n_blocks, B, H, D]: this block's sum of rounding errors (in scaled units) per channel;
-    INT8: VADD [B, H, n_blocks, D] int32 = 0x4B400000 + 127 * this block's column sums (mode 3)."""
+    INT8: VADD [B, H, n_blocks, D] int32 = 0x4B400000 + 127 * this block's column sums (mode 3).
+    PERM32: key c = 8i + 2t + e of each 32 goes to column 16 (i >> 1) + 4t + 2 (i & 1) + e, the order in
+    which the Gluon int8 kernel hands P to the tensor cores (attention_gluon._relabel_p). (Scattering the
+    columns on the store instead made the stores byte-wise: 4.6 ms at L = 48k on the H100.)"""
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
-    b, h, offs, offs_d, rm, x = _load_token_block(X, L, H, stride_xb, stride_xl, pid_t, bh, D, BLOCK)
+    b, h, offs, offs_d, rm, x = _load_token_block(X, L, H, stride_xb, stride_xl, pid_t, bh, D, BLOCK, PERM32)
     x = tl.where(rm, (x - tl.load(XM + bh * D + offs_d)[None, :]) / tl.load(XS + bh * D + offs_d)[None, :], 0.0)
     if INT8:
         xq = _round_to_int8(x)
@@ -293,8 +321,9 @@ def _quant_v_kernel(X, XM, XS, O, E, VADD, L, Lp, H, stride_xb, stride_xl, D: tl
     else:
         xq = x.to(O.dtype.element_ty)
     tl.store(E + (pid_t * tl.num_programs(1) + bh) * D + offs_d, tl.sum(xq.to(tl.float32) - x, axis=0))
-    o_ptr = O + (bh.to(tl.int64) * D + offs_d[:, None]) * Lp + offs[None, :]
-    tl.store(o_ptr, tl.trans(xq), mask=offs[None, :] < Lp)
+    pos = pid_t * BLOCK + tl.arange(0, BLOCK)  # column of V^T: token `offs`, which PERM32 relabelled
+    o_ptr = O + (bh.to(tl.int64) * D + offs_d[:, None]) * Lp + pos[None, :]
+    tl.store(o_ptr, tl.trans(xq), mask=pos[None, :] < Lp)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -319,6 +348,7 @@ DEFAULT_CONFIGS = {
 # Small blocks keep the CPU interpreter quick.
 INTERPRETER_CONFIG = AttnConfig(32, 16, 4, 1)
 K_BLOCK = 128  # tokens per INT8 scale of K (a multiple of block_n)
+STATS_BLOCK = 128  # tokens per partial sum of `_kv_stats_kernel`
 
 
 def _check_qkv(q, k, v):
@@ -343,9 +373,11 @@ def _desc(t: torch.Tensor, block: list[int]):
     return TensorDescriptor(t, [B * L, H * D], [t.stride(1), 1], block)
 
 
-def quantize_qkv(q, k, v, mode: str, k_block: int = K_BLOCK, block: int = 128, v_block: int = 128):
+def quantize_qkv(q, k, v, mode: str, k_block: int = K_BLOCK, block: int = 128, v_block: int = 128,
+                 perm32: bool = False):
     """Device-side quantization for modes 1-3 (see module docstring). Returns the kernel's inputs;
-    `v_block` is the kernel's block_n (mode 3's column sums of V are per key block)."""
+    `v_block` is the kernel's block_n (mode 3's column sums of V are per key block); `perm32` stores
+    V's keys in the Gluon int8 kernel's order (`_quant_v_kernel`)."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     dev = q.device
@@ -354,7 +386,13 @@ def quantize_qkv(q, k, v, mode: str, k_block: int = K_BLOCK, block: int = 128, v
     k8 = torch.empty((B, Lk, H, D), dtype=torch.int8, device=dev)
     n_kblk = triton.cdiv(Lk, k_block)
     ks = torch.empty((B, H, n_kblk), dtype=torch.float32, device=dev)
-    k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()  # [B, H, D]
+    n_sblk = triton.cdiv(Lk, STATS_BLOCK)
+    part = torch.empty((4 if mode != "int8" else 1, n_sblk, B * H, D), dtype=torch.float32, device=dev)
+    sv, mn, mx = (part[i] for i in (1, 2, 3)) if mode != "int8" else (part[0],) * 3  # unused for "int8"
+    _kv_stats_kernel[(n_sblk, B * H)](
+        k, v, part[0], sv, mn, mx, Lk, H, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        D=D, BLOCK=STATS_BLOCK, WITH_V=mode != "int8", num_warps=8 if q.device.type == "cuda" else 4)
+    k_mean = (part[0].sum(0) / Lk).view(B, H, D)
     _quant_qk_kernel[(triton.cdiv(Lq, block), B * H)](
         q, q, q8, qs, Lq, H, 1, q.stride(0), q.stride(1), D=D, BLOCK=block, PER_TOKEN=True, SMOOTH=False)
     _quant_qk_kernel[(n_kblk, B * H)](
@@ -365,17 +403,18 @@ def quantize_qkv(q, k, v, mode: str, k_block: int = K_BLOCK, block: int = 128, v
     int8 = mode == "int8-int8"
     if int8:
         block = v_block  # VADD's blocks are the kernel's key blocks
-    v_mean = v.mean(dim=1, dtype=torch.float32).contiguous()
-    vmin, vmax = torch.aminmax(v, dim=1)
-    v_scale = (torch.maximum(vmax.float() - v_mean, v_mean - vmin.float()).clamp_min(1e-12)
+    v_mean = (part[1].sum(0) / Lk).view(B, H, D)
+    vmin, vmax = part[2].amin(0).view(B, H, D), part[3].amax(0).view(B, H, D)
+    v_scale = (torch.maximum(vmax - v_mean, v_mean - vmin).clamp_min(1e-12)
                / (127.0 if int8 else FP8_MAX)).contiguous()
-    Lp = triton.cdiv(Lk, 16) * 16  # TMA wants 16-byte row strides
+    Lp = triton.cdiv(Lk, 32 if perm32 else 16) * (32 if perm32 else 16)  # TMA: 16-byte row strides
     vt = torch.empty((B, H, D, Lp), dtype=torch.int8 if int8 else torch.float8_e4m3fn, device=dev)
     n_vblk = triton.cdiv(Lp, block)
     err = torch.empty((n_vblk, B, H, D), dtype=torch.float32, device=dev)
     vadd = torch.empty((B, H, n_vblk, D) if int8 else (1,), dtype=torch.int32, device=dev)
     _quant_v_kernel[(n_vblk, B * H)](
-        v, v_mean, v_scale, vt, err, vadd, Lk, Lp, H, v.stride(0), v.stride(1), D=D, BLOCK=block, INT8=int8)
+        v, v_mean, v_scale, vt, err, vadd, Lk, Lp, H, v.stride(0), v.stride(1), D=D, BLOCK=block, INT8=int8,
+        PERM32=perm32)
     # The rounding errors of one channel do not average out over the keys: their mean (~2x its
     # random size after smoothing, 2.5e-4 of |v| at L = 48k) adds to every output row coherently,
     # while the output itself shrinks like 1/sqrt(L). Taking it off the shift costs nothing.
@@ -429,9 +468,9 @@ def _launch_attention(q, k, v, scale: float, mode: str, config: AttnConfig | Non
 
 
 def _use_gluon(q: torch.Tensor, mode: str) -> bool:
-    """bf16 on Hopper goes to the warp-specialized Gluon kernel (attention_gluon.py), unless
-    STORYMEM_ATTN_KERNEL=triton asks for the `tl` kernel below."""
-    if mode != "bf16" or q.device.type != "cuda" or q.shape[-1] not in (64, 128):
+    """bf16 and int8-int8 on Hopper go to the warp-specialized Gluon kernels (attention_gluon.py),
+    unless STORYMEM_ATTN_KERNEL=triton asks for the `tl` kernel below."""
+    if mode not in ("bf16", "int8-int8") or q.device.type != "cuda" or q.shape[-1] not in (64, 128):
         return False
     if os.environ.get("STORYMEM_ATTN_KERNEL", "gluon") == "triton":
         return False
@@ -443,9 +482,10 @@ def _use_gluon(q: torch.Tensor, mode: str) -> bool:
 @torch.library.custom_op("storymem::flash_attention", mutates_args=())
 def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mode: str) -> torch.Tensor:
     if _use_gluon(q, mode):
-        from .attention_gluon import flash_attention_ws
+        from .attention_gluon import flash_attention_ws, flash_attention_ws_int8
 
-        return flash_attention_ws(_rows2d(q), _rows2d(k), _rows2d(v), scale)
+        fn = flash_attention_ws if mode == "bf16" else flash_attention_ws_int8
+        return fn(_rows2d(q), _rows2d(k), _rows2d(v), scale)
     if not use_triton(q):
         # contiguous, like the kernel's output and the fake below (torch.compile relies on that)
         if mode == "bf16":

@@ -215,6 +215,195 @@ if HAVE_GLUON:
                                [4, 1], [CONSUMER_REGS, 24])
 
 
+if HAVE_GLUON:
+    # ------------------------------------------------------------------ int8-int8, warp-specialized
+    # Mode "int8-int8" of attention.py (the same quantized inputs from `quantize_qkv`, the same math)
+    # with the loader / consumer split above, here with three consumer warpgroups (192 query rows per
+    # program) at 160 registers each. Each consumer runs a key block start to end (Q.K, softmax and
+    # quantization of P, P.V, the fp32 update); the other consumers' MMAs and softmaxes fill its waits.
+    # Two variants that overlap inside a warpgroup too were slower and are gone (kernels/NOTES.md,
+    # session 4): FA3's order (Q.K of block j + 1 and P.V of block j in flight during a softmax) needs
+    # ~250 registers with the separate int32 P.V tile, so ptxas waits for the P.V before the softmax;
+    # and the row sums as a P x ones MMA (n = 8) cost more than the FADD per score they save.
+    #
+    # P reaches the tensor cores from registers, as wgmma's A operand, whose 8-bit fragment (thread t
+    # of a quad holds columns 4t..4t+3 and 16+4t..16+4t+3 of each 32) differs from the accumulator
+    # fragment S arrives in (columns 2t, 2t+1 of each 8). Rather than shuffle, the kernel relabels P's
+    # columns within each 32 so that the two fragments coincide (a reshape and a permute, no data
+    # movement: `assert_trivial`), and the quantizer stores V's keys in the same order (`PERM32` in
+    # attention._quant_v_kernel).
+
+    @gluon.jit
+    def _i8_loader(desc_q, desc_k, desc_v, desc_a, q_smem, k_smem, v_smem, a_smem, q_bar, k_full, v_full, kv_empty,
+                   q_row, n_blk, kv_row, col, vt_row, a_row):
+        """One warp: the consumers' Q tiles, then per key block K [BLOCK_N, D], V^T [D, BLOCK_N] at
+        [vt_row, blk * BLOCK_N] and the block's VADD row [1, D] (a_row + blk) into the ring."""
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        NQ: gl.constexpr = q_smem.shape[0]
+        for c in gl.static_range(NQ):
+            mbarrier.expect(q_bar.index(c), desc_q.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_q, [q_row + c * desc_q.block_type.shape[0], col], q_bar.index(c),
+                                            q_smem.index(c))
+        for blk in range(n_blk):
+            slot = blk % STAGES
+            mbarrier.wait(kv_empty.index(slot), ((blk // STAGES) & 1) ^ 1)
+            mbarrier.expect(k_full.index(slot), desc_k.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_k, [kv_row + blk * BLOCK_N, col], k_full.index(slot),
+                                            k_smem.index(slot))
+            mbarrier.expect(v_full.index(slot), desc_v.block_type.nbytes + desc_a.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_v, [vt_row, blk * BLOCK_N], v_full.index(slot), v_smem.index(slot))
+            tma.async_copy_global_to_shared(desc_a, [a_row + blk, 0], v_full.index(slot), a_smem.index(slot))
+
+    @gluon.jit
+    def _relabel_p(pn, BM: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr):
+        """Column c = 8i + 2t + e of each 32 (i < 4, t < 4, e < 2: accumulator order) becomes
+        16 (i >> 1) + 4t + 2 (i & 1) + e (A-operand order): bits (i1 i0 t1 t0 e) -> (i1 t1 t0 i0 e)."""
+        x = gl.reshape(pn, [BM, BLOCK_N // 32, 2, 2, 2, 2, 2])
+        x = gl.permute(x, (0, 1, 2, 4, 5, 3, 6))
+        x = gl.reshape(x, [BM, BLOCK_N])
+        return gl.convert_layout(x, p_layout, assert_trivial=True)
+
+    @gluon.jit
+    def _i8_block(j, q_op, k_smem, v_smem, a_smem, k_full, v_full, kv_empty, acc, m_i, l_i, rfac, ks_ptr, kb_per,
+                  Lk, MASK: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr):
+        """Key block j, start to end, in one consumer warpgroup (attention._attn_step, MODE 3)."""
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        BM: gl.constexpr = acc.shape[0]
+        o_layout: gl.constexpr = acc.type.layout
+        orow_l: gl.constexpr = gl.SliceLayout(1, o_layout)
+        slot = j % STAGES
+        phase = (j // STAGES) & 1
+        mbarrier.wait(k_full.index(slot), phase)
+        # fresh accumulators (use_acc=False: never read); carried through the loop they would hold
+        # registers for nothing
+        s = gl.zeros([BM, BLOCK_N], gl.int32, s_layout)
+        s = warpgroup_mma(q_op, k_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
+        fac = rfac * gl.load(ks_ptr + j // kb_per)
+        s = warpgroup_mma_wait(0, deps=[s])
+        # |q.k| < 2^22: the float with bits q.k + 0x4B400000 is exactly q.k + 1.5 * 2^23 (no conversion
+        # on the slow unit exp2 also needs); the offset folds into the FMAs below
+        sf = (s + 0x4B400000).to(gl.float32, bitcast=True)
+        if MASK:
+            cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            sf = gl.where(gl.expand_dims(cols < Lk, 0), sf, float("-inf"))
+        base = 12582912.0 * fac
+        m_blk = gl.max(sf, 1) * fac - base  # this block's row max (log2 units)
+        m_new = gl.maximum(m_i, m_blk)
+        alpha = gl.exp2(m_i - m_new)
+        beta = gl.exp2(m_blk - m_new)
+        # P against the block's own row max, on the signed grid n = round(254 p) - 127: the float
+        # 254 p + (1.5 * 2^23 - 127) holds n + 1.5 * 2^23 exactly, and its low byte is n
+        p = gl.exp2(sf * gl.expand_dims(fac, 1) - gl.expand_dims(base + m_blk, 1))
+        l_i = l_i * alpha + gl.sum(p, 1) * beta
+        pn = (p * 254.0 + 12582785.0).to(gl.int32, bitcast=True).to(gl.int8)
+        pn = _relabel_p(pn, BM, BLOCK_N, p_layout)
+        mbarrier.wait(v_full.index(slot), phase)
+        pv = gl.zeros_like(acc).to(gl.int32)
+        pv = warpgroup_mma(pn, v_smem.index(slot).permute((1, 0)), pv, use_acc=False, is_async=True)
+        pv = warpgroup_mma_wait(0, deps=[pv])
+        vadd = a_smem.index(slot).load(o_layout)
+        mbarrier.arrive(kv_empty.index(slot))
+        # sum_k n_k v_k plus VADD (0x4B400000 + 127 x the block's column sums of V) read as a float is
+        # exactly sum_k (n_k + 127) v_k + 1.5 * 2^23 (|.| < 2^22 for 128 keys)
+        pvf = (pv + vadd).to(gl.float32, bitcast=True)
+        w = gl.convert_layout(beta, orow_l) * (1.0 / 254.0)
+        acc = (acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
+               + (pvf * gl.expand_dims(w, 1) - gl.expand_dims(12582912.0 * w, 1)))
+        return acc, m_new, l_i
+
+    @gluon.jit
+    def _i8_consumer(q_smem, k_smem, v_smem, a_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM, q_row0, Lq,
+                     Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C: gl.constexpr):
+        """Consumer warpgroup C: query rows q_row0 + 64 C + [0, 64)."""
+        BM: gl.constexpr = 64
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        D: gl.constexpr = k_smem.shape[2]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 32])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, D, 32])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
+        orow_l: gl.constexpr = gl.SliceLayout(1, o_layout)
+        col_l: gl.constexpr = gl.SliceLayout(0, o_layout)
+        bh = b * H + h
+        rows = q_row0 + C * BM + gl.arange(0, BM, layout=row_l)
+        qs = gl.load(QS + (b.to(gl.int64) * Lq + rows) * H + h, mask=rows < Lq, other=1.0)
+        rfac = qs * qk_scale  # Q's scale per row; K's per block joins it in _i8_block
+        ks_ptr = KS + bh * n_kblk
+        q_op = q_smem.index(C)
+        mbarrier.wait(q_bar.index(C), 0)
+        acc = gl.zeros([BM, D], gl.float32, o_layout)
+        m_i = gl.zeros([BM], gl.float32, row_l) - float("inf")
+        l_i = gl.zeros([BM], gl.float32, row_l)
+        for j in range(0, n_blk - 1):
+            acc, m_i, l_i = _i8_block(j, q_op, k_smem, v_smem, a_smem, k_full, v_full, kv_empty, acc, m_i, l_i, rfac,
+                                      ks_ptr, kb_per, Lk, False, s_layout, p_layout)
+        # only the last block can reach past Lk: the key mask (a compare and a select per score) there
+        acc, m_i, l_i = _i8_block(n_blk - 1, q_op, k_smem, v_smem, a_smem, k_full, v_full, kv_empty, acc, m_i, l_i,
+                                  rfac, ks_ptr, kb_per, Lk, True, s_layout, p_layout)
+        offs_d = gl.arange(0, D, layout=col_l)
+        acc = acc / gl.expand_dims(gl.convert_layout(l_i, orow_l), 1)
+        acc = acc * gl.expand_dims(gl.load(VS + bh * D + offs_d), 0) + gl.expand_dims(gl.load(VM + bh * D + offs_d), 0)
+        offs_m = q_row0 + C * BM + gl.arange(0, BM, layout=orow_l)
+        o_ptr = (O + b.to(gl.int64) * stride_ob + gl.expand_dims(offs_m.to(gl.int64) * stride_ol, 1)
+                 + h * D + gl.expand_dims(offs_d, 0))
+        gl.store(o_ptr, acc.to(gl.bfloat16), mask=gl.expand_dims(offs_m < Lq, 1))
+
+    @gluon.jit
+    def _attn_fwd_ws_i8(desc_q, desc_k, desc_v, desc_a, O, QS, KS, VS, VM, Lq, Lk, H, n_kblk, stride_ob, stride_ol,
+                        qk_scale, kb_per, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                        NC: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+        """int8-int8: 64 NC query rows per program, NC (2 or 3) consumer warpgroups and a loader warp;
+        V comes transposed ([B*H*D, Lp] int8, keys relabelled within each 32)."""
+        pid_m = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // H
+        h = bh - b * H
+        q_smem = gl.allocate_shared_memory(desc_q.dtype, [NC, 64, D], desc_q.layout)
+        k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, D], desc_k.layout)
+        v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, D, BLOCK_N], desc_v.layout)
+        a_smem = gl.allocate_shared_memory(desc_a.dtype, [STAGES, 1, D], desc_a.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
+        k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NC):
+            mbarrier.init(q_bar.index(i), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_full.index(i), count=1)
+            mbarrier.init(v_full.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=NC)
+        fence_async_shared()
+        n_blk = gl.cdiv(Lk, BLOCK_N)
+        q_row0 = pid_m * (64 * NC)
+        largs = (desc_q, desc_k, desc_v, desc_a, q_smem, k_smem, v_smem, a_smem, q_bar, k_full, v_full, kv_empty,
+                 b * Lq + q_row0, n_blk, b * Lk, h * D, bh * D, bh * n_blk)
+        # the consumer index reaches each partition as a constexpr only when the argument tuple is
+        # written in the call (a tuple held in a variable, or an int literal, arrives as a tensor)
+        C0: gl.constexpr = 0
+        C1: gl.constexpr = 1
+        C2: gl.constexpr = 2
+        if NC == 3:
+            gl.warp_specialize([
+                (_i8_consumer, (q_smem, k_smem, v_smem, a_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
+                                q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C0)),
+                (_i8_consumer, (q_smem, k_smem, v_smem, a_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
+                                q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C1)),
+                (_i8_consumer, (q_smem, k_smem, v_smem, a_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
+                                q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C2)),
+                (_i8_loader, largs)], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
+        else:
+            gl.warp_specialize([
+                (_i8_consumer, (q_smem, k_smem, v_smem, a_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
+                                q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C0)),
+                (_i8_consumer, (q_smem, k_smem, v_smem, a_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
+                                q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C1)),
+                (_i8_loader, largs)], [4, 1], [CONSUMER_REGS, 24])
+
+
 def flash_attention_ws(q, k, v, scale: float | None = None, block_n: int = 128, stages: int = 3,
                        pingpong: bool = True, consumer_regs: int = 240) -> torch.Tensor:
     """bf16 attention by the warp-specialized Gluon kernel (Hopper only). q [B, Lq, H, D], k, v
@@ -242,9 +431,58 @@ def flash_attention_ws(q, k, v, scale: float | None = None, block_n: int = 128, 
     return out
 
 
+def flash_attention_ws_int8(q, k, v, scale: float | None = None, block_n: int = 128, stages: int = 3,
+                            consumers: int = 3, consumer_regs: int | None = None,
+                            k_block: int = 128) -> torch.Tensor:
+    """Mode "int8-int8" by the warp-specialized Gluon kernel (Hopper only): q [B, Lq, H, D], k, v
+    [B, Lk, H, D] bf16 (as `attention._rows2d` returns them) are quantized by `attention.quantize_qkv`
+    (V's keys in this kernel's order) and attended with INT8 Q.K and INT8 P.V. Defaults: the fastest
+    of the H100 sweep (kernels/NOTES.md, session 4)."""
+    from .attention import quantize_qkv
+
+    if not HAVE_GLUON:
+        raise RuntimeError("the Gluon attention kernel needs triton >= 3.5 (triton.experimental.gluon)")
+    B, Lq, H, D = q.shape
+    if D not in (64, 128):
+        raise ValueError(f"head dim must be 64 or 128, got {D}")
+    if block_n % 32 or block_n > 128 or k_block % block_n:
+        raise ValueError(f"block_n {block_n} must be a multiple of 32, at most 128, and divide k_block {k_block}")
+    if consumers not in (2, 3):
+        raise ValueError(f"consumers must be 2 or 3, got {consumers}")
+    Lk = k.shape[1]
+    if Lk == 0:
+        raise ValueError("attention over zero keys")
+    scale = D ** -0.5 if scale is None else float(scale)
+    out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=q.device)
+    if Lq == 0 or B * H == 0:
+        return out
+    if consumer_regs is None:
+        # what the register file (64K) holds beside the loader's warpgroup at 24
+        consumer_regs = 240 if consumers == 2 else 160
+    q8, qs, k8, ks, vt, vs, vm, vadd = quantize_qkv(q, k, v, "int8-int8", k_block, v_block=block_n, perm32=True)
+    dq = _gdesc(q8, [64, D])
+    dk = _gdesc(k8, [block_n, D])
+    Lp = vt.shape[-1]
+    dv = GluonDescriptor(vt, [B * H * D, Lp], [Lp, 1], [D, block_n],
+                         gl.NVMMASharedLayout.get_default_for([D, block_n], gl.int8))
+    n_vblk = vadd.shape[2]
+    da = GluonDescriptor(vadd.view(B * H * n_vblk, D), [B * H * n_vblk, D], [D, 1], [1, D], _VADD_LAYOUT)
+    rows = 64 * consumers
+    grid = ((Lq + rows - 1) // rows, B * H)
+    _attn_fwd_ws_i8[grid](dq, dk, dv, da, out, qs, ks, vs, vm, Lq, Lk, H, ks.shape[-1], out.stride(0),
+                          out.stride(1), scale * LOG2E, k_block // block_n, D=D, BLOCK_N=block_n, STAGES=stages,
+                          NC=consumers, CONSUMER_REGS=consumer_regs, num_warps=4)
+    return out
+
+
+_GL_DTYPES = {torch.bfloat16: "bfloat16", torch.int8: "int8"}
+if HAVE_GLUON:
+    _VADD_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+
+
 def _gdesc(t: torch.Tensor, block: list[int]):
     B, L, H, D = t.shape
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
+    layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, _GL_DTYPES[t.dtype]))
     return GluonDescriptor(t, [B * L, H * D], [t.stride(1), 1], block, layout)
 
 
@@ -266,4 +504,27 @@ def compile_ws_sm90(block_n: int = 128, stages: int = 3, pingpong: bool = True, 
            "CONSUMER_REGS": "constexpr"}
     consts = {"D": D, "BLOCK_N": block_n, "STAGES": stages, "PINGPONG": pingpong, "CONSUMER_REGS": consumer_regs}
     src = GluonASTSource(fn=_attn_fwd_ws, signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+def compile_ws_int8_sm90(block_n: int = 128, stages: int = 3, consumers: int = 3, consumer_regs: int | None = None,
+                         D: int = 128):
+    """`compile_ws_sm90` for the int8-int8 kernel `_attn_fwd_ws_i8`."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    def desc(block):
+        lay = gl.NVMMASharedLayout.get_default_for(block, gl.int8)
+        return f"tensordesc<i8{list(block)},{lay!r}>".replace("'", "")
+
+    sig = {"desc_q": desc([64, D]), "desc_k": desc([block_n, D]), "desc_v": desc([D, block_n]),
+           "desc_a": f"tensordesc<i32[1, {D}],{_VADD_LAYOUT!r}>".replace("'", ""), "O": "*bf16",
+           "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "VM": "*fp32", "Lq": "i32", "Lk": "i32",
+           "H": "i32", "n_kblk": "i32", "stride_ob": "i32", "stride_ol": "i32", "qk_scale": "fp32", "kb_per": "i32",
+           "D": "constexpr", "BLOCK_N": "constexpr", "STAGES": "constexpr", "NC": "constexpr",
+           "CONSUMER_REGS": "constexpr"}
+    regs = consumer_regs or (240 if consumers == 2 else 160)
+    consts = {"D": D, "BLOCK_N": block_n, "STAGES": stages, "NC": consumers, "CONSUMER_REGS": regs}
+    src = GluonASTSource(fn=_attn_fwd_ws_i8, signature=sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

@@ -1,11 +1,12 @@
-"""The warp-specialized Gluon attention kernel (kernels/attention_gluon.py) on a machine without a GPU.
+"""The warp-specialized Gluon attention kernels (kernels/attention_gluon.py) on a machine without a GPU.
 
 Gluon kernels do not run in Triton's CPU interpreter, so CI cannot check their numbers (the GPU
 bench does, against float64: bench/kernels.py, bench/gluon_attn.py). What CI checks: the kernel
 compiles for sm_90a with the installed Triton and its bundled ptxas (a fresh process, without
 TRITON_INTERPRET), it fits in an H100's shared memory, the warp specialization really happened
-(partitions with their own register budgets, both consumers issuing wgmma), and `flash_attention`
-routes only bf16 CUDA calls to it.
+(partitions with their own register budgets, every consumer issuing wgmma; for int8-int8, P fed to
+the tensor cores from registers without shuffles), `flash_attention` routes only bf16 and int8-int8
+CUDA calls to them, and the quantizer stores V's keys in the order the int8 kernel expects.
 """
 from __future__ import annotations
 
@@ -69,17 +70,77 @@ def test_ws_kernel_compiles_for_sm90_and_is_warp_specialized():
     assert pp["shared"] > 3 * 2 * 128 * 128 * 2
 
 
-def test_flash_attention_routes_only_bf16_cuda_calls_to_gluon(monkeypatch):
+def test_flash_attention_routes_bf16_and_int8_int8_cuda_calls_to_gluon(monkeypatch):
     q = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16)
     assert not attn_mod._use_gluon(q, "bf16")  # CPU tensors: the tl kernel (interpreter) or torch
     meta = torch.empty(1, 8, 2, 128, dtype=torch.bfloat16, device="meta")
     monkeypatch.setattr(attn_mod, "is_hopper", lambda index: True)
     monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
-    assert attn_mod._use_gluon(meta, "bf16")
-    for mode in ("int8-int8", "int8-fp8", "int8"):
+    assert attn_mod._use_gluon(meta, "bf16") and attn_mod._use_gluon(meta, "int8-int8")
+    for mode in ("int8-fp8", "int8"):
         assert not attn_mod._use_gluon(meta, mode)
     monkeypatch.setenv("STORYMEM_ATTN_KERNEL", "triton")
-    assert not attn_mod._use_gluon(meta, "bf16")
+    assert not attn_mod._use_gluon(meta, "bf16") and not attn_mod._use_gluon(meta, "int8-int8")
     monkeypatch.setattr(attn_mod, "is_hopper", lambda index: False)
     monkeypatch.delenv("STORYMEM_ATTN_KERNEL")
-    assert not attn_mod._use_gluon(meta, "bf16")
+    assert not attn_mod._use_gluon(meta, "bf16") and not attn_mod._use_gluon(meta, "int8-int8")
+
+
+PROBE_I8 = r"""
+import json, sys
+from storymem_rt.kernels.attention_gluon import compile_ws_int8_sm90
+out = []
+for bn, st, nc in json.loads(sys.argv[1]):
+    k = compile_ws_int8_sm90(block_n=bn, stages=st, consumers=nc)
+    ptx = k.asm["ptx"]
+    out.append(dict(cfg=[bn, st, nc], shared=k.metadata.shared, cubin=len(k.asm["cubin"]),
+                    wgmma=ptx.count("wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8"),
+                    setmaxnreg=ptx.count("setmaxnreg"), shfl=ptx.count("shfl.sync"),
+                    threads=int(ptx.split(".reqntid")[1].split()[0].strip(",")) if ".reqntid" in ptx else 0))
+print(json.dumps(out))
+"""
+
+
+def test_int8_ws_kernel_compiles_for_sm90_with_p_from_registers():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cfgs = [[128, 3, 3], [128, 3, 2]]
+    r = subprocess.run([sys.executable, "-c", PROBE_I8, json.dumps(cfgs)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = {tuple(d["cfg"]): d for d in json.loads(r.stdout.strip().splitlines()[-1])}
+    for (bn, st, nc), d in res.items():
+        assert d["cubin"] > 0 and d["shared"] <= H100_MAX_SHARED, d
+        assert d["setmaxnreg"] >= 2, d
+        # Q.K (D/32 wgmmas of k = 32) and P.V (block_n/32) come in whole groups, for the unmasked loop
+        # body and the masked last block of at least two consumers (Triton 3.6 emits every consumer's
+        # copy, 3.8 shares some); the P.V ones read P from registers (_relabel_p converts trivially: the
+        # compile would fail otherwise, it asserts so)
+        group = 128 // 32 + bn // 32
+        assert d["wgmma"] % group == 0 and 2 * 2 * group <= d["wgmma"] <= nc * 2 * group, d
+        # warpgroups: nc consumers and the loader's
+        assert d["threads"] == 128 * (nc + 1), d
+        # shuffles only for the row max and sum (2 per row-reduction step): no layout shuffles of P
+        assert d["shfl"] <= nc * 2 * 2 * 2 * 2 + 8, d
+
+
+def test_quantizer_stores_v_in_the_gluon_kernels_key_order():
+    from storymem_rt.kernels.attention import quantize_qkv
+
+    g = torch.Generator().manual_seed(0)
+    B, L, H, D = 2, 77, 2, 128
+    q, k, v = (torch.randn(B, L, H, D, generator=g).bfloat16() for _ in range(3))
+    plain = quantize_qkv(q, k, v, "int8-int8", v_block=32)
+    perm = quantize_qkv(q, k, v, "int8-int8", v_block=32, perm32=True)
+    vt0, vt1 = plain[4], perm[4]
+    assert vt1.shape[-1] % 32 == 0 and vt1.shape[-1] >= L
+    # key c = 8i + 2t + e of each 32 sits at column 16 (i >> 1) + 4t + 2 (i & 1) + e
+    c = torch.arange(vt1.shape[-1])
+    i, t, e = (c % 32) // 8, (c % 8) // 2, c % 2
+    col = c - c % 32 + 16 * (i // 2) + 4 * t + 2 * (i % 2) + e
+    want = torch.zeros_like(vt1)
+    want[..., col] = torch.nn.functional.pad(vt0, (0, vt1.shape[-1] - vt0.shape[-1]))
+    assert torch.equal(want, vt1)
+    assert not torch.equal(vt1[..., :vt0.shape[-1]], vt0)  # the order really differs
+    # the per-block column sums (VADD) and the output shift do not depend on the order (up to float sums)
+    assert torch.equal(plain[7], perm[7])
+    torch.testing.assert_close(plain[6], perm[6], rtol=1e-6, atol=1e-7)  # fp32 sums in another order
