@@ -8,7 +8,7 @@ positions), fp32 accumulation.
 Modes (`_attn_fwd_kernel`'s MODE):
 - 0 "bf16": bf16 Q.K and P.V on the tensor cores. On Hopper `flash_attention` runs this mode with
   the warp-specialized Gluon kernel in attention_gluon.py (same math, the softmax overlapped with
-  the MMAs; 0.96x cuDNN where this `tl` kernel reaches 0.89x); STORYMEM_ATTN_KERNEL=triton keeps
+  the MMAs; 0.99x cuDNN where this `tl` kernel reaches 0.88x); STORYMEM_ATTN_KERNEL=triton keeps
   the kernel below, which is also what the CPU interpreter tests.
 - 1 "int8-fp8" (SageAttention2-style): Q as INT8 with one scale per (token, head); K smoothed
   by its mean over tokens (exact: softmax ignores a per-row constant) and INT8 with one scale
@@ -20,11 +20,13 @@ Modes (`_attn_fwd_kernel`'s MODE):
   channel (transposed like mode 1); P quantized against each key block's own row max, on the
   signed grid round(254 p) - 127 (255 levels; the +127 comes back through each block's column
   sums of V, precomputed). Relative to the block max the values that matter keep ~8 bits,
-  where e4m3 keeps 3 mantissa bits whatever the scale.
+  where e4m3 keeps 3 mantissa bits whatever the scale. On Hopper this mode too runs as a
+  warp-specialized Gluon kernel (attention_gluon.py, three consumer warpgroups; 1.28x cuDNN where
+  the `tl` kernel below reaches 1.01x), unless STORYMEM_ATTN_KERNEL=triton.
 
 Error against float64 on RMS-normalised, RoPE-rotated random inputs at L = 48k, and speed on an
-H100 (docs/PERF.md): bf16 2.3e-3, 0.89x cuDNN (the Gluon kernel: 0.99x); int8 1.2e-2, 1.10x; int8-int8 1.6e-2, 1.00x;
-int8-fp8 3.6e-2, 1.31x. On random data the output is an incoherent sum, so every per-element
+H100 (docs/PERF.md): bf16 2.3e-3, 0.88x cuDNN (the Gluon kernel: 0.99x); int8 1.2e-2, 1.10x;
+int8-int8 1.6e-2, 1.01x (the Gluon kernel: 1.28x); int8-fp8 3.6e-2, 1.31x. On random data the output is an incoherent sum, so every per-element
 rounding of P and V shows up in full: e4m3 rounds each element with ~2.6% rms relative error, so
 FP8 P alone costs ~2.6e-2 whatever the scaling; V's rounding costs ~2e-2 once the mean of its
 rounding errors per channel is taken off the output (`quantize_qkv`). Mode 3 pays for its

@@ -1,4 +1,7 @@
-"""bf16 flash attention for Hopper in Gluon, warp-specialized: the softmax runs under the MMAs.
+"""Flash attention for Hopper in Gluon, warp-specialized: the softmax runs under the MMAs.
+
+Two kernels: bf16 (`flash_attention_ws`, below) and int8-int8 (`flash_attention_ws_int8`, further
+down, with its own notes).
 
 Same contract and math as `attention.flash_attention(mode="bf16")` (q [B, Lq, H, D], k, v
 [B, Lk, H, D], bf16, the [B, L, H*D] projection layout read directly by TMA, any lengths,
@@ -221,10 +224,11 @@ if HAVE_GLUON:
     # with the loader / consumer split above, here with three consumer warpgroups (192 query rows per
     # program) at 160 registers each. Each consumer runs a key block start to end (Q.K, softmax and
     # quantization of P, P.V, the fp32 update); the other consumers' MMAs and softmaxes fill its waits.
-    # Two variants that overlap inside a warpgroup too were slower and are gone (kernels/NOTES.md,
-    # session 4): FA3's order (Q.K of block j + 1 and P.V of block j in flight during a softmax) needs
-    # ~250 registers with the separate int32 P.V tile, so ptxas waits for the P.V before the softmax;
-    # and the row sums as a P x ones MMA (n = 8) cost more than the FADD per score they save.
+    # Variants that were slower and are gone (kernels/NOTES.md, session 4): FA3's order inside each
+    # warpgroup (Q.K of block j + 1 and P.V of block j in flight during a softmax) needs ~250
+    # registers with the separate int32 P.V tile, so ptxas waits for the P.V before the softmax; the
+    # row sums as a P x ones MMA (n = 8) cost more than the FADD per score they save; consumers
+    # taking turns to issue their MMAs; the row reductions as trees (no change).
     #
     # P reaches the tensor cores from registers, as wgmma's A operand, whose 8-bit fragment (thread t
     # of a quad holds columns 4t..4t+3 and 16+4t..16+4t+3 of each 32) differs from the accumulator
@@ -431,7 +435,7 @@ def flash_attention_ws(q, k, v, scale: float | None = None, block_n: int = 128, 
     return out
 
 
-def flash_attention_ws_int8(q, k, v, scale: float | None = None, block_n: int = 128, stages: int = 3,
+def flash_attention_ws_int8(q, k, v, scale: float | None = None, block_n: int = 128, stages: int = 4,
                             consumers: int = 3, consumer_regs: int | None = None,
                             k_block: int = 128) -> torch.Tensor:
     """Mode "int8-int8" by the warp-specialized Gluon kernel (Hopper only): q [B, Lq, H, D], k, v
@@ -507,7 +511,7 @@ def compile_ws_sm90(block_n: int = 128, stages: int = 3, pingpong: bool = True, 
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
-def compile_ws_int8_sm90(block_n: int = 128, stages: int = 3, consumers: int = 3, consumer_regs: int | None = None,
+def compile_ws_int8_sm90(block_n: int = 128, stages: int = 4, consumers: int = 3, consumer_regs: int | None = None,
                          D: int = 128):
     """`compile_ws_sm90` for the int8-int8 kernel `_attn_fwd_ws_i8`."""
     import triton

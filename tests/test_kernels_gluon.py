@@ -103,7 +103,7 @@ print(json.dumps(out))
 
 def test_int8_ws_kernel_compiles_for_sm90_with_p_from_registers():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cfgs = [[128, 3, 3], [128, 3, 2]]
+    cfgs = [[128, 4, 3], [128, 3, 2]]  # the default, and two consumers
     r = subprocess.run([sys.executable, "-c", PROBE_I8, json.dumps(cfgs)], capture_output=True, text=True, env=env,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
