@@ -226,9 +226,11 @@ if HAVE_GLUON:
     # quantization of P, P.V, the fp32 update); the other consumers' MMAs and softmaxes fill its waits.
     # Variants that were slower and are gone (kernels/NOTES.md, session 4): FA3's order inside each
     # warpgroup (Q.K of block j + 1 and P.V of block j in flight during a softmax) needs ~250
-    # registers with the separate int32 P.V tile, so ptxas waits for the P.V before the softmax; the
-    # row sums as a P x ones MMA (n = 8) cost more than the FADD per score they save; consumers
-    # taking turns to issue their MMAs; the row reductions as trees (no change).
+    # registers with the separate int32 P.V tile, so ptxas waits for the P.V before the softmax (with
+    # P through shared memory instead it keeps the overlap, but two such consumers read 655-661
+    # TFLOP/s against 704 for three of these); the row sums as a P x ones MMA (n = 8) cost more than
+    # the FADD per score they save; consumers taking turns to issue their MMAs; the row reductions as
+    # trees (no change).
     #
     # P reaches the tensor cores from registers, as wgmma's A operand, whose 8-bit fragment (thread t
     # of a quad holds columns 4t..4t+3 and 16+4t..16+4t+3 of each 32) differs from the accumulator
