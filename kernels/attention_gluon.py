@@ -63,21 +63,34 @@ if HAVE_GLUON:
         return p, m_new, l_i, alpha
 
     @gluon.jit
-    def _ws_loader(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, q_row, n_blk,
-                   kv_row, col):
-        """One warp: both consumers' Q tiles, then K/V blocks into the ring as stages free up."""
-        STAGES: gl.constexpr = k_smem.shape[0]
-        BLOCK_N: gl.constexpr = k_smem.shape[1]
-        for c in gl.static_range(2):
+    def _load_q_tiles(desc_q, q_smem, q_bar, q_row, col):
+        """Every consumer's Q tile (64 rows each, consecutive) by TMA, one barrier each."""
+        NQ: gl.constexpr = q_smem.shape[0]
+        for c in gl.static_range(NQ):
             mbarrier.expect(q_bar.index(c), desc_q.block_type.nbytes)
             tma.async_copy_global_to_shared(desc_q, [q_row + c * desc_q.block_type.shape[0], col], q_bar.index(c),
                                             q_smem.index(c))
+
+    @gluon.jit
+    def _load_k_block(desc_k, k_smem, k_full, kv_empty, blk, kv_row, col):
+        """Wait until the consumers have freed key block blk's stage of the ring, then load its K there.
+        Returns the stage."""
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        slot = blk % STAGES
+        mbarrier.wait(kv_empty.index(slot), ((blk // STAGES) & 1) ^ 1)
+        mbarrier.expect(k_full.index(slot), desc_k.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_k, [kv_row + blk * BLOCK_N, col], k_full.index(slot), k_smem.index(slot))
+        return slot
+
+    @gluon.jit
+    def _ws_loader(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, q_row, n_blk,
+                   kv_row, col):
+        """One warp: both consumers' Q tiles, then K/V blocks into the ring as stages free up."""
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        _load_q_tiles(desc_q, q_smem, q_bar, q_row, col)
         for blk in range(n_blk):
-            slot = blk % STAGES
-            mbarrier.wait(kv_empty.index(slot), ((blk // STAGES) & 1) ^ 1)
-            mbarrier.expect(k_full.index(slot), desc_k.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc_k, [kv_row + blk * BLOCK_N, col], k_full.index(slot),
-                                            k_smem.index(slot))
+            slot = _load_k_block(desc_k, k_smem, k_full, kv_empty, blk, kv_row, col)
             mbarrier.expect(v_full.index(slot), desc_v.block_type.nbytes)
             tma.async_copy_global_to_shared(desc_v, [kv_row + blk * BLOCK_N, col], v_full.index(slot),
                                             v_smem.index(slot))
@@ -244,19 +257,10 @@ if HAVE_GLUON:
                    q_row, n_blk, kv_row, col, vt_row, a_row):
         """One warp: the consumers' Q tiles, then per key block K [BLOCK_N, D], V^T [D, BLOCK_N] at
         [vt_row, blk * BLOCK_N] and the block's VADD row [1, D] (a_row + blk) into the ring."""
-        STAGES: gl.constexpr = k_smem.shape[0]
         BLOCK_N: gl.constexpr = k_smem.shape[1]
-        NQ: gl.constexpr = q_smem.shape[0]
-        for c in gl.static_range(NQ):
-            mbarrier.expect(q_bar.index(c), desc_q.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc_q, [q_row + c * desc_q.block_type.shape[0], col], q_bar.index(c),
-                                            q_smem.index(c))
+        _load_q_tiles(desc_q, q_smem, q_bar, q_row, col)
         for blk in range(n_blk):
-            slot = blk % STAGES
-            mbarrier.wait(kv_empty.index(slot), ((blk // STAGES) & 1) ^ 1)
-            mbarrier.expect(k_full.index(slot), desc_k.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc_k, [kv_row + blk * BLOCK_N, col], k_full.index(slot),
-                                            k_smem.index(slot))
+            slot = _load_k_block(desc_k, k_smem, k_full, kv_empty, blk, kv_row, col)
             mbarrier.expect(v_full.index(slot), desc_v.block_type.nbytes + desc_a.block_type.nbytes)
             tma.async_copy_global_to_shared(desc_v, [vt_row, blk * BLOCK_N], v_full.index(slot), v_smem.index(slot))
             tma.async_copy_global_to_shared(desc_a, [a_row + blk, 0], v_full.index(slot), a_smem.index(slot))
