@@ -466,9 +466,7 @@ def flash_attention_ws_int8(q, k, v, scale: float | None = None, block_n: int = 
     out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=q.device)
     if Lq == 0 or B * H == 0:
         return out
-    if consumer_regs is None:
-        # what the register file (64K) holds beside the loader's warpgroup at 24
-        consumer_regs = 240 if consumers == 2 else 160
+    consumer_regs = consumer_regs or _i8_default_regs(consumers)
     q8, qs, k8, ks, vt, vs, vm, vadd = quantize_qkv(q, k, v, "int8-int8", k_block, v_block=block_n, perm32=True)
     dq = _gdesc(q8, [64, D])
     dk = _gdesc(k8, [block_n, D])
@@ -483,6 +481,11 @@ def flash_attention_ws_int8(q, k, v, scale: float | None = None, block_n: int = 
                           out.stride(1), scale * LOG2E, k_block // block_n, D=D, BLOCK_N=block_n, STAGES=stages,
                           NC=consumers, CONSUMER_REGS=consumer_regs, num_warps=4)
     return out
+
+
+def _i8_default_regs(consumers: int) -> int:
+    """Registers per consumer thread: what the register file (64K) holds beside the loader's warpgroup at 24."""
+    return 240 if consumers == 2 else 160
 
 
 _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.int8: "int8"}
@@ -534,7 +537,7 @@ def compile_ws_int8_sm90(block_n: int = 128, stages: int = 4, consumers: int = 3
            "H": "i32", "n_kblk": "i32", "stride_ob": "i32", "stride_ol": "i32", "qk_scale": "fp32", "kb_per": "i32",
            "D": "constexpr", "BLOCK_N": "constexpr", "STAGES": "constexpr", "NC": "constexpr",
            "CONSUMER_REGS": "constexpr"}
-    regs = consumer_regs or (240 if consumers == 2 else 160)
-    consts = {"D": D, "BLOCK_N": block_n, "STAGES": stages, "NC": consumers, "CONSUMER_REGS": regs}
+    consts = {"D": D, "BLOCK_N": block_n, "STAGES": stages, "NC": consumers,
+              "CONSUMER_REGS": consumer_regs or _i8_default_regs(consumers)}
     src = GluonASTSource(fn=_attn_fwd_ws_i8, signature=sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

@@ -341,16 +341,14 @@ def test_resume_refuses_other_settings(work, baseline, change, what):
 # --------------------------------------------------------------------------- bad input
 
 
-def _broken_story(d: Path) -> Path:
-    p = d / "broken.json"
-    p.write_text('{"story_name": "x", "scenes": [')
-    return p
+EMPTY_SCENES = {"story_name": "x", "story_overview": "y", "scenes": []}
 
 
-def _empty_scenes(d: Path) -> Path:
-    p = d / "empty.json"
-    p.write_text(json.dumps({"story_name": "x", "story_overview": "y", "scenes": []}))
-    return p
+def _file(d: Path, name: str, text: str) -> str:
+    """Write d/name with text; its path as a CLI argument."""
+    p = d / name
+    p.write_text(text)
+    return str(p)
 
 
 @pytest.fixture(scope="module")
@@ -377,8 +375,9 @@ def bad_models(work, storymem_cache) -> dict[str, tuple[Path, Path]]:
 
 BAD = [
     # (id, extra args, exit code, words the one error line must hold)
-    ("broken-story", lambda d, bm: [str(_broken_story(d))], 2, ["broken.json", "invalid JSON"]),
-    ("empty-scenes", lambda d, bm: [str(_empty_scenes(d))], 2, ["empty.json", "scenes"]),
+    ("broken-story", lambda d, bm: [_file(d, "broken.json", '{"story_name": "x", "scenes": [')], 2,
+     ["broken.json", "invalid JSON"]),
+    ("empty-scenes", lambda d, bm: [_file(d, "empty.json", json.dumps(EMPTY_SCENES))], 2, ["empty.json", "scenes"]),
     ("missing-story", lambda d, bm: [str(d / "nope.json")], 2, ["nope.json"]),
     ("mi2v-mm2v", lambda d, bm: [str(d / "story3.json"), "--mi2v", "--mm2v"], 2, ["--mi2v", "--mm2v"]),
     ("size-not-16", lambda d, bm: [str(d / "story3.json"), "--size", "100*64"], 2, ["100*64", "16"]),
@@ -391,7 +390,8 @@ BAD = [
      ["--fix", "--max-memory-size"]),
     ("missing-ref", lambda d, bm: [str(d / "story3.json"), "--reference-images", str(d / "nothere.png")], 2,
      ["nothere.png"]),
-    ("non-image-ref", lambda d, bm: [str(d / "story3.json"), "--reference-images", str(_text_png(d))], 1,
+    ("non-image-ref", lambda d, bm: [str(d / "story3.json"), "--reference-images",
+                                     _file(d, "notimage.png", "this is not a PNG")], 1,
      ["notimage.png"]),
     ("t2v-first-with-refs", lambda d, bm: [str(d / "story3.json"), "--t2v-first-shot", "--reference-images",
                                            str(_make_reference_images(d)[0])], 2, ["--reference-images"]),
@@ -407,20 +407,8 @@ BAD = [
      ["backbone_low_noise"]),
     ("models-no-tokenizer", lambda d, bm: [str(d / "story3.json"), "--models", str(bm["tokenizer"][0])], 1,
      ["tokenizer.json"]),
-    ("out-is-a-file", lambda d, bm: [str(d / "story3.json"), "--out", str(_a_file(d))], 2, ["not a folder"]),
+    ("out-is-a-file", lambda d, bm: [str(d / "story3.json"), "--out", _file(d, "a_file", "x")], 2, ["not a folder"]),
 ]
-
-
-def _text_png(d: Path) -> Path:
-    p = d / "notimage.png"
-    p.write_text("this is not a PNG")
-    return p
-
-
-def _a_file(d: Path) -> Path:
-    p = d / "a_file"
-    p.write_text("x")
-    return p
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
