@@ -20,17 +20,20 @@ Modes (`_attn_fwd_kernel`'s MODE):
   channel (transposed like mode 1); P quantized against each key block's own row max, on the
   signed grid round(254 p) - 127 (255 levels; the +127 comes back through each block's column
   sums of V, precomputed). Relative to the block max the values that matter keep ~8 bits,
-  where e4m3 keeps 3 mantissa bits whatever the scale. On Hopper this mode too runs as a
-  warp-specialized Gluon kernel (attention_gluon.py, three consumer warpgroups; 1.28x cuDNN where
-  the `tl` kernel below reaches 1.01x), unless STORYMEM_ATTN_KERNEL=triton.
+  where e4m3 keeps 3 mantissa bits whatever the scale. On Hopper this mode runs as a
+  warp-specialized Gluon kernel (attention_gluon.py: three consumer warpgroups, P on the unsigned
+  grid round(255 p) against V + 128, so that P.V needs one FMA per output element; 1.52x cuDNN where
+  the `tl` kernel below reaches 1.02x), unless STORYMEM_ATTN_KERNEL=triton.
 
 Error against float64 on RMS-normalised, RoPE-rotated random inputs at L = 48k, and speed on an
-H100 (docs/PERF.md): bf16 2.3e-3, 0.88x cuDNN (the Gluon kernel: 0.99x); int8 1.2e-2, 1.10x;
-int8-int8 1.6e-2, 1.01x (the Gluon kernel: 1.28x); int8-fp8 3.6e-2, 1.31x. On random data the output is an incoherent sum, so every per-element
-rounding of P and V shows up in full: e4m3 rounds each element with ~2.6% rms relative error, so
-FP8 P alone costs ~2.6e-2 whatever the scaling; V's rounding costs ~2e-2 once the mean of its
-rounding errors per channel is taken off the output (`quantize_qkv`). Mode 3 pays for its
-accuracy with per-block rescaling of the int32 P.V tile on the CUDA cores (kernels/NOTES.md).
+H100 (docs/PERF.md): bf16 2.3e-3, 0.89x cuDNN (the Gluon kernel: 0.99x); int8 1.2e-2, 1.10x;
+int8-int8 1.6e-2, 1.02x (the Gluon kernel: 1.52x); int8-fp8 3.6e-2, 1.31x. On random data the
+output is an incoherent sum, so every per-element rounding of P and V shows up in full: e4m3
+rounds each element with ~2.6% rms relative error, so FP8 P alone costs ~2.6e-2 whatever the
+scaling; V's rounding costs ~2e-2 once the mean of its rounding errors per channel is taken off the
+output (`quantize_qkv`). Mode 3 pays for its accuracy with a per-block pass over the int32 P.V tile
+on the CUDA cores (an integer add and two FMAs per element here, one FMA in the Gluon kernel;
+kernels/NOTES.md).
 
 `attention(q, k, v, impl="auto")` is what the engine calls: per shape it times our bf16 kernel
 against cuDNN SDPA once and keeps the faster.
@@ -305,10 +308,11 @@ def _quant_qk_kernel(X, XM, O, S, L, H, n_blk, stride_xb, stride_xl,
 
 @jit
 def _quant_v_kernel(X, XM, XS, O, E, VADD, L, Lp, H, stride_xb, stride_xl, D: tl.constexpr, BLOCK: tl.constexpr,
-                    INT8: tl.constexpr, PERM32: tl.constexpr):
+                    INT8: tl.constexpr, PERM32: tl.constexpr, UNSIGNED: tl.constexpr = False):
     """X [B, L, H, D] -> O e4m3 or int8 [B, H, D, Lp] = (x - mean) / scale per channel, zeros past L;
     E [n_blocks, B, H, D]: this block's sum of rounding errors (in scaled units) per channel;
-    INT8: VADD [B, H, n_blocks, D] int32 = 0x4B400000 + 127 * this block's column sums (mode 3).
+    INT8: VADD [B, H, n_blocks, D] int32 = 0x4B400000 + 127 * this block's column sums (mode 3);
+    UNSIGNED (with INT8): O uint8 = the int8 value + 128 (128 past L), no VADD.
     PERM32: key c = 8i + 2t + e of each 32 goes to column 16 (i >> 1) + 4t + 2 (i & 1) + e, the order in
     which the Gluon int8 kernel hands P to the tensor cores (attention_gluon._relabel_p). (Scattering the
     columns on the store instead made the stores byte-wise: 4.6 ms at L = 48k on the H100.)"""
@@ -318,11 +322,14 @@ def _quant_v_kernel(X, XM, XS, O, E, VADD, L, Lp, H, stride_xb, stride_xl, D: tl
     x = tl.where(rm, (x - tl.load(XM + bh * D + offs_d)[None, :]) / tl.load(XS + bh * D + offs_d)[None, :], 0.0)
     if INT8:
         xq = _round_to_int8(x)
-        tl.store(VADD + (bh * tl.num_programs(0) + pid_t) * D + offs_d,
-                 0x4B400000 + 127 * tl.sum(xq.to(tl.int32), axis=0))
+        if not UNSIGNED:
+            tl.store(VADD + (bh * tl.num_programs(0) + pid_t) * D + offs_d,
+                     0x4B400000 + 127 * tl.sum(xq.to(tl.int32), axis=0))
     else:
         xq = x.to(O.dtype.element_ty)
     tl.store(E + (pid_t * tl.num_programs(1) + bh) * D + offs_d, tl.sum(xq.to(tl.float32) - x, axis=0))
+    if UNSIGNED:
+        xq = (xq.to(tl.int32) + 128).to(tl.uint8)
     pos = pid_t * BLOCK + tl.arange(0, BLOCK)  # column of V^T: token `offs`, which PERM32 relabelled
     o_ptr = O + (bh.to(tl.int64) * D + offs_d[:, None]) * Lp + pos[None, :]
     tl.store(o_ptr, tl.trans(xq), mask=pos[None, :] < Lp)
@@ -376,10 +383,11 @@ def _desc(t: torch.Tensor, block: list[int]):
 
 
 def quantize_qkv(q, k, v, mode: str, k_block: int = K_BLOCK, block: int = 128, v_block: int = 128,
-                 perm32: bool = False):
+                 perm32: bool = False, unsigned_v: bool = False):
     """Device-side quantization for modes 1-3 (see module docstring). Returns the kernel's inputs;
     `v_block` is the kernel's block_n (mode 3's column sums of V are per key block); `perm32` stores
-    V's keys in the Gluon int8 kernel's order (`_quant_v_kernel`)."""
+    V's keys in the Gluon int8 kernel's order (`_quant_v_kernel`); `unsigned_v` (mode 3) stores V + 128
+    as uint8 and returns no VADD (the Gluon kernel's unsigned P.V)."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     dev = q.device
@@ -410,13 +418,17 @@ def quantize_qkv(q, k, v, mode: str, k_block: int = K_BLOCK, block: int = 128, v
     v_scale = (torch.maximum(vmax - v_mean, v_mean - vmin).clamp_min(1e-12)
                / (127.0 if int8 else FP8_MAX)).contiguous()
     Lp = triton.cdiv(Lk, 32 if perm32 else 16) * (32 if perm32 else 16)  # TMA: 16-byte row strides
-    vt = torch.empty((B, H, D, Lp), dtype=torch.int8 if int8 else torch.float8_e4m3fn, device=dev)
+    unsigned_v = unsigned_v and int8
+    vt = torch.empty((B, H, D, Lp), dtype=(torch.uint8 if unsigned_v else torch.int8) if int8 else torch.float8_e4m3fn,
+                     device=dev)
     n_vblk = triton.cdiv(Lp, block)
     err = torch.empty((n_vblk, B, H, D), dtype=torch.float32, device=dev)
-    vadd = torch.empty((B, H, n_vblk, D) if int8 else (1,), dtype=torch.int32, device=dev)
+    vadd = torch.empty((B, H, n_vblk, D) if int8 and not unsigned_v else (1,), dtype=torch.int32, device=dev)
     _quant_v_kernel[(n_vblk, B * H)](
         v, v_mean, v_scale, vt, err, vadd, Lk, Lp, H, v.stride(0), v.stride(1), D=D, BLOCK=block, INT8=int8,
-        PERM32=perm32)
+        PERM32=perm32, UNSIGNED=unsigned_v)
+    if unsigned_v:
+        vadd = None
     # The rounding errors of one channel do not average out over the keys: their mean (~2x its
     # random size after smoothing, 2.5e-4 of |v| at L = 48k) adds to every output row coherently,
     # while the output itself shrinks like 1/sqrt(L). Taking it off the shift costs nothing.

@@ -1,7 +1,8 @@
 """Flash attention for Hopper in Gluon, warp-specialized: the softmax runs under the MMAs.
 
-Two kernels: bf16 (`flash_attention_ws`, below) and int8-int8 (`flash_attention_ws_int8`, further
-down, with its own notes).
+Kernels: bf16 (`flash_attention_ws`, below) and int8-int8 (`flash_attention_ws_int8`, further
+down, with its own notes: `_attn_fwd_ws_i8u`, unsigned P.V, and its signed predecessor
+`_attn_fwd_ws_i8`, kept for Tritons without the pipeline-stages hook the unsigned one needs).
 
 Same contract and math as `attention.flash_attention(mode="bf16")` (q [B, Lq, H, D], k, v
 [B, Lk, H, D], bf16, the [B, L, H*D] projection layout read directly by TMA, any lengths,
@@ -27,6 +28,8 @@ are checked against float64 on the GPU by bench/kernels.py (odd lengths, two sam
 and the real shape).
 """
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -237,6 +240,9 @@ if HAVE_GLUON:
     # with the loader / consumer split above, here with three consumer warpgroups (192 query rows per
     # program) at 160 registers each. Each consumer runs a key block start to end (Q.K, softmax and
     # quantization of P, P.V, the fp32 update); the other consumers' MMAs and softmaxes fill its waits.
+    # Two kernels of that shape: `_attn_fwd_ws_i8` here (P on mode 3's signed grid, VADD rows) and
+    # `_attn_fwd_ws_i8u` further down (unsigned P.V, one FMA per output element and block; the
+    # default: 862 against 728 TFLOP/s in the same H100 run, the same 1.6e-2, docs/PERF.md).
     # Variants that were slower and are gone (kernels/NOTES.md, session 4): FA3's order inside each
     # warpgroup (Q.K of block j + 1 and P.V of block j in flight during a softmax) needs ~250
     # registers with the separate int32 P.V tile, so ptxas waits for the P.V before the softmax (with
@@ -413,6 +419,202 @@ if HAVE_GLUON:
                                 q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C1)),
                 (_i8_loader, largs)], [4, 1], [CONSUMER_REGS, 24])
 
+    # ------------------------------------------------------------------ int8-int8, unsigned P.V
+    # The same quantized Q, K (int8) and V (uint8 = int8 + 128), and P again against each key block's
+    # own row max, but on the grid round(255 p) in [0, 255] as uint8. Both P.V operands being unsigned
+    # makes the int32 product non-negative and below 2^24, so its bits read as a float are exactly
+    # pv * 2^-149 (a denormal or one of the smallest normals; the FMAs keep denormals): the update is
+    # one FMA per output element, acc += pv * w_j, with w_j = 2^(m_j - m_ref + K0) against a reference
+    # max that moves only every RESCALE blocks (no per-block rescale of the accumulator). The row sums
+    # are of the quantized P, exactly (integer sums of the same bits), so the +128 of V comes off as
+    # 128 at the end. Triton lowers every 8-bit wgmma as .s8.s8; `_u8_pv_hook` rewrites this
+    # kernel's register-A (P.V) ones to .u8.u8 in the PTX.
+
+    K0 = gl.constexpr(16.0)  # 2^K0 lifts pv * 2^-149 toward the normal range; headroom 2^(127 - K0) for a rising max
+    RESCALE = gl.constexpr(16)  # blocks between moves of the reference max
+
+    @gluon.jit
+    def _i8u_loader(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, q_row, n_blk,
+                    kv_row, col, vt_row):
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        _load_q_tiles(desc_q, q_smem, q_bar, q_row, col)
+        for blk in range(n_blk):
+            slot = _load_k_block(desc_k, k_smem, k_full, kv_empty, blk, kv_row, col)
+            mbarrier.expect(v_full.index(slot), desc_v.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_v, [vt_row, blk * BLOCK_N], v_full.index(slot), v_smem.index(slot))
+
+    @gluon.jit
+    def _i8u_block(j, q_op, k_smem, v_smem, k_full, v_full, kv_empty, acc, l_i, m_ref, m_run, rfac, ks_ptr, kb_per,
+                   Lk, MASK: gl.constexpr, FIRST: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr):
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        BM: gl.constexpr = acc.shape[0]
+        orow_l: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+        # sum of BLOCK_N magic words 0x4B400000, wrapped to int32
+        MSUM: gl.constexpr = (BLOCK_N * 0x4B400000 + 2**31) % 2**32 - 2**31
+        slot = j % STAGES
+        phase = (j // STAGES) & 1
+        mbarrier.wait(k_full.index(slot), phase)
+        s = gl.zeros([BM, BLOCK_N], gl.int32, s_layout)
+        s = warpgroup_mma(q_op, k_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
+        fac = rfac * gl.load(ks_ptr + j // kb_per)
+        s = warpgroup_mma_wait(0, deps=[s])
+        sf = (s + 0x4B400000).to(gl.float32, bitcast=True)
+        if MASK:
+            cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            sf = gl.where(gl.expand_dims(cols < Lk, 0), sf, float("-inf"))
+        base = 12582912.0 * fac
+        m_blk = gl.max(sf, 1) * fac - base
+        if FIRST:
+            m_ref = m_blk
+            m_run = m_blk
+        else:
+            m_run = gl.maximum(m_run, m_blk)
+        p = gl.exp2(sf * gl.expand_dims(fac, 1) - gl.expand_dims(base + m_blk, 1))
+        # the float 255 p + 1.5 * 2^23 holds round(255 p) + 1.5 * 2^23 exactly: its low byte is P
+        pb = (p * 255.0 + 12582912.0).to(gl.int32, bitcast=True)
+        w = gl.exp2(m_blk - m_ref + K0)
+        l_i = l_i + (gl.sum(pb, 1) - MSUM).to(gl.float32) * w
+        pn = _relabel_p(pb.to(gl.uint8), BM, BLOCK_N, p_layout)
+        mbarrier.wait(v_full.index(slot), phase)
+        pv = gl.zeros_like(acc).to(gl.int32)
+        pv = warpgroup_mma(pn, v_smem.index(slot).permute((1, 0)), pv, use_acc=False, is_async=True)
+        pv = warpgroup_mma_wait(0, deps=[pv])
+        mbarrier.arrive(kv_empty.index(slot))
+        acc = acc + pv.to(gl.float32, bitcast=True) * gl.expand_dims(gl.convert_layout(w, orow_l), 1)
+        return acc, l_i, m_ref, m_run
+
+    @gluon.jit
+    def _i8u_consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM, q_row0, Lq,
+                      Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C: gl.constexpr):
+        BM: gl.constexpr = 64
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        D: gl.constexpr = k_smem.shape[2]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 32])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, D, 32])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
+        orow_l: gl.constexpr = gl.SliceLayout(1, o_layout)
+        col_l: gl.constexpr = gl.SliceLayout(0, o_layout)
+        bh = b * H + h
+        rows = q_row0 + C * BM + gl.arange(0, BM, layout=row_l)
+        qs = gl.load(QS + (b.to(gl.int64) * Lq + rows) * H + h, mask=rows < Lq, other=1.0)
+        rfac = qs * qk_scale
+        ks_ptr = KS + bh * n_kblk
+        q_op = q_smem.index(C)
+        mbarrier.wait(q_bar.index(C), 0)
+        acc = gl.zeros([BM, D], gl.float32, o_layout)
+        l_i = gl.zeros([BM], gl.float32, row_l)
+        m_ref = gl.zeros([BM], gl.float32, row_l)
+        m_run = m_ref
+        # block 0 (masked: it may be the only one) sets the reference max
+        acc, l_i, m_ref, m_run = _i8u_block(0, q_op, k_smem, v_smem, k_full, v_full, kv_empty, acc, l_i, m_ref,
+                                            m_run, rfac, ks_ptr, kb_per, Lk, True, True, s_layout, p_layout)
+        for j0 in range(1, n_blk - 1, RESCALE):
+            for j in range(j0, gl.minimum(j0 + RESCALE, n_blk - 1)):
+                acc, l_i, m_ref, m_run = _i8u_block(j, q_op, k_smem, v_smem, k_full, v_full, kv_empty, acc, l_i,
+                                                    m_ref, m_run, rfac, ks_ptr, kb_per, Lk, False, False, s_layout,
+                                                    p_layout)
+            alpha = gl.exp2(m_ref - m_run)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
+            l_i = l_i * alpha
+            m_ref = m_run
+        if n_blk > 1:
+            acc, l_i, m_ref, m_run = _i8u_block(n_blk - 1, q_op, k_smem, v_smem, k_full, v_full, kv_empty, acc, l_i,
+                                                m_ref, m_run, rfac, ks_ptr, kb_per, Lk, True, False, s_layout,
+                                                p_layout)
+        offs_d = gl.arange(0, D, layout=col_l)
+        # acc / l is 2^-149 (the mean of V + 128 under the quantized P): 2^149 = 2^127 * 2^22
+        inv = (1.7014118346046923e38 / gl.convert_layout(l_i, orow_l)) * 4194304.0
+        o = acc * gl.expand_dims(inv, 1) - 128.0
+        o = o * gl.expand_dims(gl.load(VS + bh * D + offs_d), 0) + gl.expand_dims(gl.load(VM + bh * D + offs_d), 0)
+        offs_m = q_row0 + C * BM + gl.arange(0, BM, layout=orow_l)
+        o_ptr = (O + b.to(gl.int64) * stride_ob + gl.expand_dims(offs_m.to(gl.int64) * stride_ol, 1)
+                 + h * D + gl.expand_dims(offs_d, 0))
+        gl.store(o_ptr, o.to(gl.bfloat16), mask=gl.expand_dims(offs_m < Lq, 1))
+
+    @gluon.jit
+    def _attn_fwd_ws_i8u(desc_q, desc_k, desc_v, O, QS, KS, VS, VM, Lq, Lk, H, n_kblk, stride_ob, stride_ol,
+                         qk_scale, kb_per, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                         NC: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+        """int8-int8 with unsigned P.V (see above); otherwise as `_attn_fwd_ws_i8`. V^T is uint8."""
+        pid_m = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // H
+        h = bh - b * H
+        q_smem = gl.allocate_shared_memory(desc_q.dtype, [NC, 64, D], desc_q.layout)
+        k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, D], desc_k.layout)
+        v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, D, BLOCK_N], desc_v.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
+        k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NC):
+            mbarrier.init(q_bar.index(i), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_full.index(i), count=1)
+            mbarrier.init(v_full.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=NC)
+        fence_async_shared()
+        n_blk = gl.cdiv(Lk, BLOCK_N)
+        q_row0 = pid_m * (64 * NC)
+        largs = (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty,
+                 b * Lq + q_row0, n_blk, b * Lk, h * D, bh * D)
+        C0: gl.constexpr = 0
+        C1: gl.constexpr = 1
+        C2: gl.constexpr = 2
+        if NC == 3:
+            gl.warp_specialize([
+                (_i8u_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
+                                 q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C0)),
+                (_i8u_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
+                                 q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C1)),
+                (_i8u_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
+                                 q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C2)),
+                (_i8u_loader, largs)], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
+        else:
+            gl.warp_specialize([
+                (_i8u_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
+                                 q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C0)),
+                (_i8u_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
+                                 q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C1)),
+                (_i8u_loader, largs)], [4, 1], [CONSUMER_REGS, 24])
+
+    _U8_PV = re.compile(r"(wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32)\.s8\.s8(\s*\{[^}]*\},\s*\{)")
+
+    def _u8_pv_patch(ptx: str) -> str:
+        """In `_attn_fwd_ws_i8u`'s PTX only: the wgmmas with A in registers (P.V) read both operands as uint8."""
+        if ".entry _attn_fwd_ws_i8u(" not in ptx:
+            return ptx
+        return _U8_PV.sub(r"\1.u8.u8\2", ptx)
+
+    def _u8_pv_hook(*args):
+        """Triton's pipeline-stages hook (knobs.runtime.add_stages_inspection_hook): wraps the PTX stage
+        with `_u8_pv_patch`. Called with no arguments (Triton >= 3.7) it returns the cache key part."""
+        if not args:
+            key = "storymem-u8pv-1"
+            prev = _u8_pv_hook.prev() if _u8_pv_hook.prev is not None else ("", "")
+            return key + prev[0], prev[1]
+        if _u8_pv_hook.prev is not None:
+            _u8_pv_hook.prev(*args)
+        stages = args[1]
+        make_ptx = stages["ptx"]
+        stages["ptx"] = lambda src, metadata: _u8_pv_patch(make_ptx(src, metadata))
+
+    def _install_u8_pv_hook() -> bool:
+        from triton import knobs
+        rt = knobs.runtime
+        if not hasattr(rt, "add_stages_inspection_hook"):
+            return False
+        if rt.add_stages_inspection_hook is not _u8_pv_hook:
+            _u8_pv_hook.prev = rt.add_stages_inspection_hook
+            rt.add_stages_inspection_hook = _u8_pv_hook
+        return True
+
+    _u8_pv_hook.prev = None
+
 
 def flash_attention_ws(q, k, v, scale: float | None = None, block_n: int = 128, stages: int = 3,
                        pingpong: bool = True, consumer_regs: int = 240) -> torch.Tensor:
@@ -443,7 +645,7 @@ def flash_attention_ws(q, k, v, scale: float | None = None, block_n: int = 128, 
 
 def flash_attention_ws_int8(q, k, v, scale: float | None = None, block_n: int = 128, stages: int = 4,
                             consumers: int = 3, consumer_regs: int | None = None,
-                            k_block: int = 128) -> torch.Tensor:
+                            k_block: int = 128, unsigned_pv: bool = True) -> torch.Tensor:
     """Mode "int8-int8" by the warp-specialized Gluon kernel (Hopper only): q [B, Lq, H, D], k, v
     [B, Lk, H, D] bf16 (as `attention._rows2d` returns them) are quantized by `attention.quantize_qkv`
     (V's keys in this kernel's order) and attended with INT8 Q.K and INT8 P.V. Defaults: the fastest
@@ -467,20 +669,36 @@ def flash_attention_ws_int8(q, k, v, scale: float | None = None, block_n: int = 
     if Lq == 0 or B * H == 0:
         return out
     consumer_regs = consumer_regs or _i8_default_regs(consumers)
-    q8, qs, k8, ks, vt, vs, vm, vadd = quantize_qkv(q, k, v, "int8-int8", k_block, v_block=block_n, perm32=True)
+    unsigned_pv = unsigned_pv and _install_u8_pv_hook()
+    q8, qs, k8, ks, vt, vs, vm, vadd = quantize_qkv(q, k, v, "int8-int8", k_block, v_block=block_n, perm32=True,
+                                                    unsigned_v=unsigned_pv)
     dq = _gdesc(q8, [64, D])
     dk = _gdesc(k8, [block_n, D])
     Lp = vt.shape[-1]
+    rows = 64 * consumers
+    grid = ((Lq + rows - 1) // rows, B * H)
+    if unsigned_pv:
+        dv = GluonDescriptor(vt, [B * H * D, Lp], [Lp, 1], [D, block_n],
+                             gl.NVMMASharedLayout.get_default_for([D, block_n], gl.uint8))
+        kern = _attn_fwd_ws_i8u[grid](dq, dk, dv, out, qs, ks, vs, vm, Lq, Lk, H, ks.shape[-1], out.stride(0),
+                                      out.stride(1), scale * LOG2E, k_block // block_n, D=D, BLOCK_N=block_n,
+                                      STAGES=stages, NC=consumers, CONSUMER_REGS=consumer_regs, num_warps=4)
+        if id(kern) not in _U8_CHECKED:  # once per compiled kernel: the hook did rewrite it
+            if "s32.u8.u8" not in kern.asm["ptx"]:
+                raise RuntimeError("the unsigned P.V kernel was compiled without its .u8 wgmma (Triton stages hook)")
+            _U8_CHECKED.add(id(kern))
+        return out
     dv = GluonDescriptor(vt, [B * H * D, Lp], [Lp, 1], [D, block_n],
                          gl.NVMMASharedLayout.get_default_for([D, block_n], gl.int8))
     n_vblk = vadd.shape[2]
     da = GluonDescriptor(vadd.view(B * H * n_vblk, D), [B * H * n_vblk, D], [D, 1], [1, D], _VADD_LAYOUT)
-    rows = 64 * consumers
-    grid = ((Lq + rows - 1) // rows, B * H)
     _attn_fwd_ws_i8[grid](dq, dk, dv, da, out, qs, ks, vs, vm, Lq, Lk, H, ks.shape[-1], out.stride(0),
                           out.stride(1), scale * LOG2E, k_block // block_n, D=D, BLOCK_N=block_n, STAGES=stages,
                           NC=consumers, CONSUMER_REGS=consumer_regs, num_warps=4)
     return out
+
+
+_U8_CHECKED: set[int] = set()
 
 
 def _i8_default_regs(consumers: int) -> int:
@@ -521,8 +739,8 @@ def compile_ws_sm90(block_n: int = 128, stages: int = 3, pingpong: bool = True, 
 
 
 def compile_ws_int8_sm90(block_n: int = 128, stages: int = 4, consumers: int = 3, consumer_regs: int | None = None,
-                         D: int = 128):
-    """`compile_ws_sm90` for the int8-int8 kernel `_attn_fwd_ws_i8`."""
+                         D: int = 128, unsigned_pv: bool = True):
+    """`compile_ws_sm90` for the int8-int8 kernel (`_attn_fwd_ws_i8u`, or `_attn_fwd_ws_i8` for signed P.V)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -539,5 +757,12 @@ def compile_ws_int8_sm90(block_n: int = 128, stages: int = 4, consumers: int = 3
            "CONSUMER_REGS": "constexpr"}
     consts = {"D": D, "BLOCK_N": block_n, "STAGES": stages, "NC": consumers,
               "CONSUMER_REGS": consumer_regs or _i8_default_regs(consumers)}
-    src = GluonASTSource(fn=_attn_fwd_ws_i8, signature=sig, constexprs=consts)
+    fn = _attn_fwd_ws_i8
+    if unsigned_pv:
+        if not _install_u8_pv_hook():
+            raise RuntimeError("this Triton has no pipeline-stages hook for the unsigned P.V kernel")
+        del sig["desc_a"]
+        sig["desc_v"] = sig["desc_v"].replace("<i8", "<u8")
+        fn = _attn_fwd_ws_i8u
+    src = GluonASTSource(fn=fn, signature=sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

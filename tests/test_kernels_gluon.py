@@ -87,40 +87,58 @@ def test_flash_attention_routes_bf16_and_int8_int8_cuda_calls_to_gluon(monkeypat
 
 
 PROBE_I8 = r"""
-import json, sys
+import json, re, sys
 from storymem_rt.kernels.attention_gluon import compile_ws_int8_sm90
 out = []
-for bn, st, nc in json.loads(sys.argv[1]):
-    k = compile_ws_int8_sm90(block_n=bn, stages=st, consumers=nc)
+for bn, st, nc, unsigned in json.loads(sys.argv[1]):
+    k = compile_ws_int8_sm90(block_n=bn, stages=st, consumers=nc, unsigned_pv=unsigned)
     ptx = k.asm["ptx"]
-    out.append(dict(cfg=[bn, st, nc], shared=k.metadata.shared, cubin=len(k.asm["cubin"]),
-                    wgmma=ptx.count("wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8"),
+    mma = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.s32\.(\w+)\.(\w+)\s*\{[^}]*\},\s*(\{?)", ptx)
+    out.append(dict(cfg=[bn, st, nc, unsigned], shared=k.metadata.shared, cubin=len(k.asm["cubin"]),
+                    mma=[f"{a}.{b}.{'regs' if r else 'smem'}" for a, b, r in mma],
                     setmaxnreg=ptx.count("setmaxnreg"), shfl=ptx.count("shfl.sync"),
                     threads=int(ptx.split(".reqntid")[1].split()[0].strip(",")) if ".reqntid" in ptx else 0))
 print(json.dumps(out))
 """
 
 
-def test_int8_ws_kernel_compiles_for_sm90_with_p_from_registers():
+def test_int8_ws_kernels_compile_for_sm90_with_p_from_registers():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cfgs = [[128, 4, 3], [128, 3, 2]]  # the default, and two consumers
+    cfgs = [[128, 4, 3, True], [128, 3, 2, True], [128, 4, 3, False]]  # the default, two consumers, signed P.V
     r = subprocess.run([sys.executable, "-c", PROBE_I8, json.dumps(cfgs)], capture_output=True, text=True, env=env,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = {tuple(d["cfg"]): d for d in json.loads(r.stdout.strip().splitlines()[-1])}
-    for (bn, st, nc), d in res.items():
+    for (bn, st, nc, unsigned), d in res.items():
         assert d["cubin"] > 0 and d["shared"] <= H100_MAX_SHARED, d
         assert d["setmaxnreg"] >= 2, d
-        # Q.K (D/32 wgmmas of k = 32) and P.V (block_n/32) come in whole groups, for the unmasked loop
-        # body and the masked last block of at least two consumers (Triton 3.6 emits every consumer's
-        # copy, 3.8 shares some); the P.V ones read P from registers (_relabel_p converts trivially: the
-        # compile would fail otherwise, it asserts so)
-        group = 128 // 32 + bn // 32
-        assert d["wgmma"] % group == 0 and 2 * 2 * group <= d["wgmma"] <= nc * 2 * group, d
+        # Q.K (D/32 wgmmas of k = 32, both operands in shared memory, int8) and P.V (block_n/32, P
+        # from registers: _relabel_p converts trivially, the compile would fail otherwise) come in
+        # whole groups, one per call site of the block function (unmasked loop body, masked last
+        # block; the unsigned kernel also peels the first) for at least two consumers (Triton 3.6
+        # emits every consumer's copy, 3.8 shares some)
+        qk, pv = d["mma"].count("s8.s8.smem"), d["mma"].count("u8.u8.regs" if unsigned else "s8.s8.regs")
+        assert qk + pv == len(d["mma"]), d  # nothing else: in particular no Q.K read as unsigned
+        assert qk * (bn // 32) == pv * (128 // 32), d
+        sites = 3 if unsigned else 2
+        assert 2 * 2 <= qk // 4 <= nc * sites, d
         # warpgroups: nc consumers and the loader's
         assert d["threads"] == 128 * (nc + 1), d
         # shuffles only for the row max and sum (2 per row-reduction step): no layout shuffles of P
-        assert d["shfl"] <= nc * 2 * 2 * 2 * 2 + 8, d
+        assert d["shfl"] <= nc * sites * 2 * 2 * 2 + 8, d
+
+
+def test_u8_patch_rewrites_only_the_pv_wgmmas_of_the_unsigned_kernel():
+    from storymem_rt.kernels.attention_gluon import _u8_pv_patch
+
+    regs_a = "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {%r1,%r2}, {%r9,%r10,%r11,%r12}, %rd3, p, 1;"
+    smem_a = "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {%r1,%r2}, %rd1, %rd2, p, 1;"
+    body = f"{{\n\t{smem_a}\n\t{regs_a}\n}}"
+    out = _u8_pv_patch(".entry _attn_fwd_ws_i8u(\n" + body)
+    assert smem_a in out and regs_a not in out
+    assert regs_a.replace(".s8.s8", ".u8.u8") in out
+    other = ".entry _attn_fwd_ws_i8(\n" + body  # the signed kernel (and any other) is left alone
+    assert _u8_pv_patch(other) == other
 
 
 def test_quantizer_stores_v_in_the_gluon_kernels_key_order():
@@ -144,3 +162,12 @@ def test_quantizer_stores_v_in_the_gluon_kernels_key_order():
     # the per-block column sums (VADD) and the output shift do not depend on the order (up to float sums)
     assert torch.equal(plain[7], perm[7])
     torch.testing.assert_close(plain[6], perm[6], rtol=1e-6, atol=1e-7)  # fp32 sums in another order
+    # the unsigned kernel's V: the same values + 128 as uint8 (128 past L), no VADD
+    uns = quantize_qkv(q, k, v, "int8-int8", v_block=32, perm32=True, unsigned_v=True)
+    assert uns[4].dtype == torch.uint8 and uns[7] is None
+    assert torch.equal(uns[4].to(torch.int16), vt1.to(torch.int16) + 128)
+    uns_plain = quantize_qkv(q, k, v, "int8-int8", v_block=32, unsigned_v=True)[4]
+    assert (uns_plain[..., L:] == 128).all() and torch.equal(uns_plain[..., :L].to(torch.int16),
+                                                              vt0[..., :L].to(torch.int16) + 128)
+    for a, b in zip(uns[:4] + uns[5:7], perm[:4] + perm[5:7]):
+        assert torch.equal(a, b)
