@@ -29,6 +29,7 @@ and the real shape).
 """
 from __future__ import annotations
 
+import hashlib
 import re
 
 import torch
@@ -593,8 +594,9 @@ if HAVE_GLUON:
     def _u8_pv_hook(*args):
         """Triton's pipeline-stages hook (knobs.runtime.add_stages_inspection_hook): wraps the PTX stage
         with `_u8_pv_patch`. Called with no arguments (Triton >= 3.7) it returns the cache key part."""
-        if not args:
-            key = "storymem-u8pv-1"
+        if not args:  # the rewrite's own code and pattern are part of the cache key
+            key = "storymem-u8pv-" + hashlib.sha256(_u8_pv_patch.__code__.co_code
+                                                    + _U8_PV.pattern.encode()).hexdigest()[:16]
             prev = _u8_pv_hook.prev() if _u8_pv_hook.prev is not None else ("", "")
             return key + prev[0], prev[1]
         if _u8_pv_hook.prev is not None:

@@ -102,8 +102,9 @@ print(json.dumps(out))
 """
 
 
-def test_int8_ws_kernels_compile_for_sm90_with_p_from_registers():
+def test_int8_ws_kernels_compile_for_sm90_with_p_from_registers(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compiled here, not a cached PTX from before a change
     cfgs = [[128, 4, 3, True], [128, 3, 2, True], [128, 4, 3, False]]  # the default, two consumers, signed P.V
     r = subprocess.run([sys.executable, "-c", PROBE_I8, json.dumps(cfgs)], capture_output=True, text=True, env=env,
                        timeout=600)
