@@ -13,7 +13,7 @@ include compilation, are reported apart):
 2. one forward at the real shape (832x480, 81 frames, M memory frames: 31 x 30 x 52 tokens
    = 48,360 at M = 10): plain WanDiT (--baseline), diffusers' WanTransformer3DModel eager and
    with regional compilation (--peer diffusers, same weights), ours bf16 (eager, compiled,
-   compiled + CUDA graph), ours FP8 (compiled; bf16 attention and the int8-fp8 kernel), with the
+   compiled + CUDA graph), ours FP8 (compiled; bf16 attention and the int8 kernels), with the
    FP8 outputs' relative error against ours bf16 on the same input;
 3. one CFG step, batched (B=2) and back to back;
 4. memory plan: both FP8 experts + the VAE resident, one step of each and a decode, peak GPU
@@ -61,7 +61,7 @@ class BenchArgs:
     eager: bool = True  # time the fast path without compile too
     compile: bool = True
     cuda_graph: bool = True
-    fp8_attention: tuple[str, ...] = ("auto", "int8-fp8")
+    fp8_attention: tuple[str, ...] = ("auto", "int8-int8", "int8-fp8")
     cfg: tuple[str, ...] = ("batched", "sequential")
     fast_accum: bool = True
     ops: str = "auto"  # FastOptions.ops

@@ -426,7 +426,7 @@ def _print_summary(out_dir: Path, manifest: dict) -> None:
 @click.option("--compile/--no-compile", "compile_", default=True, show_default=True,
               help="Regional torch.compile of the block.")
 @click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True)
-@click.option("--fp8-attention", multiple=True, default=("auto", "int8-fp8"), show_default=True,
+@click.option("--fp8-attention", multiple=True, default=("auto", "int8-int8", "int8-fp8"), show_default=True,
               type=click.Choice(["auto", "cudnn", "triton", "int8-int8", "int8-fp8", "int8"]),
               help="Self-attention variants timed with FP8 GEMMs (repeat the option).")
 @click.option("--cfg", "cfg_modes", multiple=True, default=("batched", "sequential"), show_default=True,
