@@ -7,8 +7,7 @@ tile reads the next sample's rows) and on 128 query rows at L, then times them w
 (median) next to our `tl` kernel (attention.py) and cuDNN SDPA.
 Config = ws,block_n,stages,pingpong (bf16; 128 query rows per program: two consumer warpgroups), or
 i8,block_n,stages,consumers[,consumer_regs] (the int8-int8 kernel: 2 or 3 consumer warpgroups of 64
-rows; consumer_regs 0 or left out: the default for that many), i8s,... (the same with signed P.V, the
-previous kernel). The odd-length checks also run sharp attention (q scaled by 8: peaked rows whose
+rows; consumer_regs 0 or left out: the default for that many). The odd-length checks also run sharp attention (q scaled by 8: peaked rows whose
 running max climbs, as in a trained model's attention).
 """
 from __future__ import annotations
@@ -49,10 +48,10 @@ def main():
     cfgs = [c.split(",") for c in a.configs]
 
     def run(cfg, q, k, v):
-        if cfg[0] in ("i8", "i8s"):
+        if cfg[0] == "i8":
             regs = int(cfg[4]) if len(cfg) > 4 and int(cfg[4]) else None
             return flash_attention_ws_int8(q, k, v, block_n=int(cfg[1]), stages=int(cfg[2]), consumers=int(cfg[3]),
-                                           consumer_regs=regs, unsigned_pv=cfg[0] == "i8")
+                                           consumer_regs=regs)
         return flash_attention_ws(q, k, v, block_n=int(cfg[1]), stages=int(cfg[2]), pingpong=bool(int(cfg[3])))
 
     res = dict(device=torch.cuda.get_device_name(), rows=[])
@@ -76,9 +75,9 @@ def main():
     flops = 4.0 * L * L * H * D
     impls = [("triton bf16 (ours, tl)", lambda: attn_mod._launch_attention(q, k, v, D**-0.5, "bf16")),
              ("cuDNN", lambda: sdpa(q, k, v, backend="cudnn"))]
-    if any(c[0].startswith("i8") for c in cfgs):
+    if any(c[0] == "i8" for c in cfgs):
         impls.append(("triton int8-int8 (ours, tl)", lambda: attn_mod._launch_attention(q, k, v, D**-0.5, "int8-int8")))
-    if any(c[0].startswith("i8") for c in cfgs):
+    if any(c[0] == "i8" for c in cfgs):
         impls.append(("int8-int8 quantization pre-pass alone",
                       lambda: attn_mod.quantize_qkv(q, k, v, "int8-int8", v_block=128, perm32=True,
                                                     unsigned_v=True)[0]))

@@ -31,7 +31,6 @@ from storymem_rt.kernels import attention as attn_mod
 from storymem_rt.kernels import qk_norm_rope as qk_mod
 from storymem_rt.kernels.adaln import adaln_modulate, adaln_modulate_ref, gated_residual, gated_residual_ref
 from storymem_rt.kernels.attention import AttnConfig, attention_ref, flash_attention, quantize_qkv, sdpa
-from storymem_rt.kernels.attention_gluon import flash_attention_ws_int8
 from storymem_rt.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref, rope_tables
 
 H, D = 40, 128
@@ -141,9 +140,6 @@ def bench_attention(L, rep, qo=None, ko=None, n_check=128, quick=False):
          "attention.py"),
         ("attention int8-int8 (ours, incl. quant)", lambda: flash_attention(q, k, v, mode="int8-int8"),
          "Gluon, warp-specialized" if attn_mod._use_gluon(q, "int8-int8") else "tl"),
-        ("attention int8-int8 (ours, signed P.V)",
-         lambda: flash_attention_ws_int8(*(attn_mod._rows2d(t) for t in (q, k, v)), D**-0.5, unsigned_pv=False),
-         "Gluon, the previous kernel (incl. quant)"),
         ("attention int8-int8 (ours, tl kernel)", lambda: attn_mod._launch_attention(q, k, v, D**-0.5, "int8-int8"),
          "attention.py, incl. quant"),
         ("attention int8-fp8 (ours, incl. quant)", lambda: flash_attention(q, k, v, mode="int8-fp8"), "Sage2-style"),

@@ -106,7 +106,6 @@ def main(argv=None):
                     help="block_m,block_n,warps,stages; gluon: block_n,stages,pingpong,consumer_regs; "
                          "gluon-int8: block_n,stages,consumers,consumer_regs (0: default)")
     ap.add_argument("--dump")
-    ap.add_argument("--signed-pv", action="store_true", help="gluon-int8: the signed P.V kernel")
     a = ap.parse_args(argv)
     if a.mode == "gluon":
         from storymem_rt.kernels.attention_gluon import compile_ws_sm90
@@ -117,7 +116,7 @@ def main(argv=None):
         from storymem_rt.kernels.attention_gluon import compile_ws_int8_sm90
 
         bn, st, nc, regs = (int(x) for x in a.cfg.split(","))
-        k = compile_ws_int8_sm90(bn, st, nc, regs or None, unsigned_pv=not a.signed_pv)
+        k = compile_ws_int8_sm90(bn, st, nc, regs or None)
     else:
         bm, bn, w, s = (int(x) for x in a.cfg.split(","))
         k = compile_attention(a.mode, bm, bn, w, s)

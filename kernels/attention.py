@@ -483,14 +483,15 @@ def _launch_attention(q, k, v, scale: float, mode: str, config: AttnConfig | Non
 
 def _use_gluon(q: torch.Tensor, mode: str) -> bool:
     """bf16 and int8-int8 on Hopper go to the warp-specialized Gluon kernels (attention_gluon.py),
-    unless STORYMEM_ATTN_KERNEL=triton asks for the `tl` kernel below."""
+    unless STORYMEM_ATTN_KERNEL=triton asks for the `tl` kernel below (int8-int8 also needs Triton's
+    pipeline-stages hook)."""
     if mode not in ("bf16", "int8-int8") or q.device.type != "cuda" or q.shape[-1] not in (64, 128):
         return False
     if os.environ.get("STORYMEM_ATTN_KERNEL", "gluon") == "triton":
         return False
-    from .attention_gluon import HAVE_GLUON
+    from .attention_gluon import HAVE_GLUON, have_u8_pv
 
-    return HAVE_GLUON and is_hopper(q.device.index or 0)
+    return HAVE_GLUON and is_hopper(q.device.index or 0) and (mode == "bf16" or have_u8_pv())
 
 
 @torch.library.custom_op("storymem::flash_attention", mutates_args=())

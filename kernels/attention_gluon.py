@@ -1,8 +1,7 @@
 """Flash attention for Hopper in Gluon, warp-specialized: the softmax runs under the MMAs.
 
-Kernels: bf16 (`flash_attention_ws`, below) and int8-int8 (`flash_attention_ws_int8`, further
-down, with its own notes: `_attn_fwd_ws_i8u`, unsigned P.V, and its signed predecessor
-`_attn_fwd_ws_i8`, kept for Tritons without the pipeline-stages hook the unsigned one needs).
+Two kernels: bf16 (`flash_attention_ws`, below) and int8-int8 (`flash_attention_ws_int8`, further
+down, with its own notes).
 
 Same contract and math as `attention.flash_attention(mode="bf16")` (q [B, Lq, H, D], k, v
 [B, Lk, H, D], bf16, the [B, L, H*D] projection layout read directly by TMA, any lengths,
@@ -237,13 +236,23 @@ if HAVE_GLUON:
 
 if HAVE_GLUON:
     # ------------------------------------------------------------------ int8-int8, warp-specialized
-    # Mode "int8-int8" of attention.py (the same quantized inputs from `quantize_qkv`, the same math)
-    # with the loader / consumer split above, here with three consumer warpgroups (192 query rows per
-    # program) at 160 registers each. Each consumer runs a key block start to end (Q.K, softmax and
-    # quantization of P, P.V, the fp32 update); the other consumers' MMAs and softmaxes fill its waits.
-    # Two kernels of that shape: `_attn_fwd_ws_i8` here (P on mode 3's signed grid, VADD rows) and
-    # `_attn_fwd_ws_i8u` further down (unsigned P.V, one FMA per output element and block; the
-    # default: 862 against 728 TFLOP/s in the same H100 run, the same 1.6e-2, docs/PERF.md).
+    # Mode "int8-int8" of attention.py (Q, K and V quantized by `quantize_qkv`, P against each key
+    # block's own row max) with the loader / consumer split above, here with three consumer
+    # warpgroups (192 query rows per program) at 160 registers each. Each consumer runs a key block
+    # start to end (Q.K, softmax and quantization of P, P.V, the fp32 update); the other consumers'
+    # MMAs and softmaxes fill its waits.
+    #
+    # P.V is unsigned: V is stored as uint8 (its int8 value + 128) and P on the grid round(255 p) as
+    # uint8. The int32 product is then non-negative and below 2^24, so its bits read as a float are
+    # exactly pv * 2^-149 (a denormal or one of the smallest normals; Triton's fp32 FMAs keep
+    # denormals), and the update is one FMA per output element, acc += pv * w_j, with
+    # w_j = 2^(m_j - m_ref + K0) against a reference max that moves only every RESCALE blocks. The
+    # row sums are of the quantized P, exactly (integer sums of the same bits), so the +128 of V comes
+    # off as 128 at the end. Triton lowers every 8-bit wgmma as .s8.s8; `_u8_pv_hook` rewrites this
+    # kernel's register-A (P.V) ones to .u8.u8 in the PTX. Session 4's kernel used mode 3's signed
+    # grid with VADD rows and paid an integer add and two FMAs per output element and block: 728
+    # TFLOP/s against this one's 862 in the same H100 run, at the same 1.6e-2 (git history has it).
+    #
     # Variants that were slower and are gone (kernels/NOTES.md, session 4): FA3's order inside each
     # warpgroup (Q.K of block j + 1 and P.V of block j in flight during a softmax) needs ~250
     # registers with the separate int32 P.V tile, so ptxas waits for the P.V before the softmax (with
@@ -260,19 +269,6 @@ if HAVE_GLUON:
     # attention._quant_v_kernel).
 
     @gluon.jit
-    def _i8_loader(desc_q, desc_k, desc_v, desc_a, q_smem, k_smem, v_smem, a_smem, q_bar, k_full, v_full, kv_empty,
-                   q_row, n_blk, kv_row, col, vt_row, a_row):
-        """One warp: the consumers' Q tiles, then per key block K [BLOCK_N, D], V^T [D, BLOCK_N] at
-        [vt_row, blk * BLOCK_N] and the block's VADD row [1, D] (a_row + blk) into the ring."""
-        BLOCK_N: gl.constexpr = k_smem.shape[1]
-        _load_q_tiles(desc_q, q_smem, q_bar, q_row, col)
-        for blk in range(n_blk):
-            slot = _load_k_block(desc_k, k_smem, k_full, kv_empty, blk, kv_row, col)
-            mbarrier.expect(v_full.index(slot), desc_v.block_type.nbytes + desc_a.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc_v, [vt_row, blk * BLOCK_N], v_full.index(slot), v_smem.index(slot))
-            tma.async_copy_global_to_shared(desc_a, [a_row + blk, 0], v_full.index(slot), a_smem.index(slot))
-
-    @gluon.jit
     def _relabel_p(pn, BM: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr):
         """Column c = 8i + 2t + e of each 32 (i < 4, t < 4, e < 2: accumulator order) becomes
         16 (i >> 1) + 4t + 2 (i & 1) + e (A-operand order): bits (i1 i0 t1 t0 e) -> (i1 t1 t0 i0 e)."""
@@ -280,156 +276,6 @@ if HAVE_GLUON:
         x = gl.permute(x, (0, 1, 2, 4, 5, 3, 6))
         x = gl.reshape(x, [BM, BLOCK_N])
         return gl.convert_layout(x, p_layout, assert_trivial=True)
-
-    @gluon.jit
-    def _i8_block(j, q_op, k_smem, v_smem, a_smem, k_full, v_full, kv_empty, acc, m_i, l_i, rfac, ks_ptr, kb_per,
-                  Lk, MASK: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr):
-        """Key block j, start to end, in one consumer warpgroup (attention._attn_step, MODE 3)."""
-        STAGES: gl.constexpr = k_smem.shape[0]
-        BLOCK_N: gl.constexpr = k_smem.shape[1]
-        BM: gl.constexpr = acc.shape[0]
-        o_layout: gl.constexpr = acc.type.layout
-        orow_l: gl.constexpr = gl.SliceLayout(1, o_layout)
-        slot = j % STAGES
-        phase = (j // STAGES) & 1
-        mbarrier.wait(k_full.index(slot), phase)
-        # fresh accumulators (use_acc=False: never read); carried through the loop they would hold
-        # registers for nothing
-        s = gl.zeros([BM, BLOCK_N], gl.int32, s_layout)
-        s = warpgroup_mma(q_op, k_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
-        fac = rfac * gl.load(ks_ptr + j // kb_per)
-        s = warpgroup_mma_wait(0, deps=[s])
-        # |q.k| < 2^22: the float with bits q.k + 0x4B400000 is exactly q.k + 1.5 * 2^23 (no conversion
-        # on the slow unit exp2 also needs); the offset folds into the FMAs below
-        sf = (s + 0x4B400000).to(gl.float32, bitcast=True)
-        if MASK:
-            cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            sf = gl.where(gl.expand_dims(cols < Lk, 0), sf, float("-inf"))
-        base = 12582912.0 * fac
-        m_blk = gl.max(sf, 1) * fac - base  # this block's row max (log2 units)
-        m_new = gl.maximum(m_i, m_blk)
-        alpha = gl.exp2(m_i - m_new)
-        beta = gl.exp2(m_blk - m_new)
-        # P against the block's own row max, on the signed grid n = round(254 p) - 127: the float
-        # 254 p + (1.5 * 2^23 - 127) holds n + 1.5 * 2^23 exactly, and its low byte is n
-        p = gl.exp2(sf * gl.expand_dims(fac, 1) - gl.expand_dims(base + m_blk, 1))
-        l_i = l_i * alpha + gl.sum(p, 1) * beta
-        pn = (p * 254.0 + 12582785.0).to(gl.int32, bitcast=True).to(gl.int8)
-        pn = _relabel_p(pn, BM, BLOCK_N, p_layout)
-        mbarrier.wait(v_full.index(slot), phase)
-        pv = gl.zeros_like(acc).to(gl.int32)
-        pv = warpgroup_mma(pn, v_smem.index(slot).permute((1, 0)), pv, use_acc=False, is_async=True)
-        pv = warpgroup_mma_wait(0, deps=[pv])
-        vadd = a_smem.index(slot).load(o_layout)
-        mbarrier.arrive(kv_empty.index(slot))
-        # sum_k n_k v_k plus VADD (0x4B400000 + 127 x the block's column sums of V) read as a float is
-        # exactly sum_k (n_k + 127) v_k + 1.5 * 2^23 (|.| < 2^22 for 128 keys)
-        pvf = (pv + vadd).to(gl.float32, bitcast=True)
-        w = gl.convert_layout(beta, orow_l) * (1.0 / 254.0)
-        acc = (acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
-               + (pvf * gl.expand_dims(w, 1) - gl.expand_dims(12582912.0 * w, 1)))
-        return acc, m_new, l_i
-
-    @gluon.jit
-    def _i8_consumer(q_smem, k_smem, v_smem, a_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM, q_row0, Lq,
-                     Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C: gl.constexpr):
-        """Consumer warpgroup C: query rows q_row0 + 64 C + [0, 64)."""
-        BM: gl.constexpr = 64
-        BLOCK_N: gl.constexpr = k_smem.shape[1]
-        D: gl.constexpr = k_smem.shape[2]
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 32])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, D, 32])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
-        row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
-        orow_l: gl.constexpr = gl.SliceLayout(1, o_layout)
-        col_l: gl.constexpr = gl.SliceLayout(0, o_layout)
-        bh = b * H + h
-        rows = q_row0 + C * BM + gl.arange(0, BM, layout=row_l)
-        qs = gl.load(QS + (b.to(gl.int64) * Lq + rows) * H + h, mask=rows < Lq, other=1.0)
-        rfac = qs * qk_scale  # Q's scale per row; K's per block joins it in _i8_block
-        ks_ptr = KS + bh * n_kblk
-        q_op = q_smem.index(C)
-        mbarrier.wait(q_bar.index(C), 0)
-        acc = gl.zeros([BM, D], gl.float32, o_layout)
-        m_i = gl.zeros([BM], gl.float32, row_l) - float("inf")
-        l_i = gl.zeros([BM], gl.float32, row_l)
-        for j in range(0, n_blk - 1):
-            acc, m_i, l_i = _i8_block(j, q_op, k_smem, v_smem, a_smem, k_full, v_full, kv_empty, acc, m_i, l_i, rfac,
-                                      ks_ptr, kb_per, Lk, False, s_layout, p_layout)
-        # only the last block can reach past Lk: the key mask (a compare and a select per score) there
-        acc, m_i, l_i = _i8_block(n_blk - 1, q_op, k_smem, v_smem, a_smem, k_full, v_full, kv_empty, acc, m_i, l_i,
-                                  rfac, ks_ptr, kb_per, Lk, True, s_layout, p_layout)
-        offs_d = gl.arange(0, D, layout=col_l)
-        acc = acc / gl.expand_dims(gl.convert_layout(l_i, orow_l), 1)
-        acc = acc * gl.expand_dims(gl.load(VS + bh * D + offs_d), 0) + gl.expand_dims(gl.load(VM + bh * D + offs_d), 0)
-        offs_m = q_row0 + C * BM + gl.arange(0, BM, layout=orow_l)
-        o_ptr = (O + b.to(gl.int64) * stride_ob + gl.expand_dims(offs_m.to(gl.int64) * stride_ol, 1)
-                 + h * D + gl.expand_dims(offs_d, 0))
-        gl.store(o_ptr, acc.to(gl.bfloat16), mask=gl.expand_dims(offs_m < Lq, 1))
-
-    @gluon.jit
-    def _attn_fwd_ws_i8(desc_q, desc_k, desc_v, desc_a, O, QS, KS, VS, VM, Lq, Lk, H, n_kblk, stride_ob, stride_ol,
-                        qk_scale, kb_per, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                        NC: gl.constexpr, CONSUMER_REGS: gl.constexpr):
-        """int8-int8: 64 NC query rows per program, NC (2 or 3) consumer warpgroups and a loader warp;
-        V comes transposed ([B*H*D, Lp] int8, keys relabelled within each 32)."""
-        pid_m = gl.program_id(0)
-        bh = gl.program_id(1)
-        b = bh // H
-        h = bh - b * H
-        q_smem = gl.allocate_shared_memory(desc_q.dtype, [NC, 64, D], desc_q.layout)
-        k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, D], desc_k.layout)
-        v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, D, BLOCK_N], desc_v.layout)
-        a_smem = gl.allocate_shared_memory(desc_a.dtype, [STAGES, 1, D], desc_a.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
-        k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NC):
-            mbarrier.init(q_bar.index(i), count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_full.index(i), count=1)
-            mbarrier.init(v_full.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=NC)
-        fence_async_shared()
-        n_blk = gl.cdiv(Lk, BLOCK_N)
-        q_row0 = pid_m * (64 * NC)
-        largs = (desc_q, desc_k, desc_v, desc_a, q_smem, k_smem, v_smem, a_smem, q_bar, k_full, v_full, kv_empty,
-                 b * Lq + q_row0, n_blk, b * Lk, h * D, bh * D, bh * n_blk)
-        # the consumer index reaches each partition as a constexpr only when the argument tuple is
-        # written in the call (a tuple held in a variable, or an int literal, arrives as a tensor)
-        C0: gl.constexpr = 0
-        C1: gl.constexpr = 1
-        C2: gl.constexpr = 2
-        if NC == 3:
-            gl.warp_specialize([
-                (_i8_consumer, (q_smem, k_smem, v_smem, a_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
-                                q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C0)),
-                (_i8_consumer, (q_smem, k_smem, v_smem, a_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
-                                q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C1)),
-                (_i8_consumer, (q_smem, k_smem, v_smem, a_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
-                                q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C2)),
-                (_i8_loader, largs)], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
-        else:
-            gl.warp_specialize([
-                (_i8_consumer, (q_smem, k_smem, v_smem, a_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
-                                q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C0)),
-                (_i8_consumer, (q_smem, k_smem, v_smem, a_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
-                                q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C1)),
-                (_i8_loader, largs)], [4, 1], [CONSUMER_REGS, 24])
-
-    # ------------------------------------------------------------------ int8-int8, unsigned P.V
-    # The same quantized Q, K (int8) and V (uint8 = int8 + 128), and P again against each key block's
-    # own row max, but on the grid round(255 p) in [0, 255] as uint8. Both P.V operands being unsigned
-    # makes the int32 product non-negative and below 2^24, so its bits read as a float are exactly
-    # pv * 2^-149 (a denormal or one of the smallest normals; the FMAs keep denormals): the update is
-    # one FMA per output element, acc += pv * w_j, with w_j = 2^(m_j - m_ref + K0) against a reference
-    # max that moves only every RESCALE blocks (no per-block rescale of the accumulator). The row sums
-    # are of the quantized P, exactly (integer sums of the same bits), so the +128 of V comes off as
-    # 128 at the end. Triton lowers every 8-bit wgmma as .s8.s8; `_u8_pv_hook` rewrites this
-    # kernel's register-A (P.V) ones to .u8.u8 in the PTX.
 
     K0 = gl.constexpr(16.0)  # 2^K0 lifts pv * 2^-149 toward the normal range; headroom 2^(127 - K0) for a rising max
     RESCALE = gl.constexpr(16)  # blocks between moves of the reference max
@@ -540,7 +386,8 @@ if HAVE_GLUON:
     def _attn_fwd_ws_i8u(desc_q, desc_k, desc_v, O, QS, KS, VS, VM, Lq, Lk, H, n_kblk, stride_ob, stride_ol,
                          qk_scale, kb_per, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                          NC: gl.constexpr, CONSUMER_REGS: gl.constexpr):
-        """int8-int8 with unsigned P.V (see above); otherwise as `_attn_fwd_ws_i8`. V^T is uint8."""
+        """int8-int8: 64 NC query rows per program, NC (2 or 3) consumer warpgroups and a loader warp;
+        V comes transposed ([B*H*D, Lp] uint8, keys relabelled within each 32)."""
         pid_m = gl.program_id(0)
         bh = gl.program_id(1)
         b = bh // H
@@ -647,15 +494,18 @@ def flash_attention_ws(q, k, v, scale: float | None = None, block_n: int = 128, 
 
 def flash_attention_ws_int8(q, k, v, scale: float | None = None, block_n: int = 128, stages: int = 4,
                             consumers: int = 3, consumer_regs: int | None = None,
-                            k_block: int = 128, unsigned_pv: bool = True) -> torch.Tensor:
+                            k_block: int = 128) -> torch.Tensor:
     """Mode "int8-int8" by the warp-specialized Gluon kernel (Hopper only): q [B, Lq, H, D], k, v
     [B, Lk, H, D] bf16 (as `attention._rows2d` returns them) are quantized by `attention.quantize_qkv`
-    (V's keys in this kernel's order) and attended with INT8 Q.K and INT8 P.V. Defaults: the fastest
-    of the H100 sweep (kernels/NOTES.md, session 4)."""
+    (V's keys in this kernel's order, as uint8) and attended with INT8 Q.K and unsigned 8-bit P.V.
+    Needs Triton's pipeline-stages hook (`have_u8_pv`). Defaults: the fastest of the H100 sweeps
+    (kernels/NOTES.md, sessions 4-5)."""
     from .attention import quantize_qkv
 
     if not HAVE_GLUON:
         raise RuntimeError("the Gluon attention kernel needs triton >= 3.5 (triton.experimental.gluon)")
+    if not _install_u8_pv_hook():
+        raise RuntimeError("the int8-int8 Gluon kernel needs triton.knobs.runtime.add_stages_inspection_hook")
     B, Lq, H, D = q.shape
     if D not in (64, 128):
         raise ValueError(f"head dim must be 64 or 128, got {D}")
@@ -671,33 +521,28 @@ def flash_attention_ws_int8(q, k, v, scale: float | None = None, block_n: int = 
     if Lq == 0 or B * H == 0:
         return out
     consumer_regs = consumer_regs or _i8_default_regs(consumers)
-    unsigned_pv = unsigned_pv and _install_u8_pv_hook()
-    q8, qs, k8, ks, vt, vs, vm, vadd = quantize_qkv(q, k, v, "int8-int8", k_block, v_block=block_n, perm32=True,
-                                                    unsigned_v=unsigned_pv)
+    q8, qs, k8, ks, vt, vs, vm, _ = quantize_qkv(q, k, v, "int8-int8", k_block, v_block=block_n, perm32=True,
+                                                 unsigned_v=True)
     dq = _gdesc(q8, [64, D])
     dk = _gdesc(k8, [block_n, D])
     Lp = vt.shape[-1]
+    dv = GluonDescriptor(vt, [B * H * D, Lp], [Lp, 1], [D, block_n],
+                         gl.NVMMASharedLayout.get_default_for([D, block_n], gl.uint8))
     rows = 64 * consumers
     grid = ((Lq + rows - 1) // rows, B * H)
-    if unsigned_pv:
-        dv = GluonDescriptor(vt, [B * H * D, Lp], [Lp, 1], [D, block_n],
-                             gl.NVMMASharedLayout.get_default_for([D, block_n], gl.uint8))
-        kern = _attn_fwd_ws_i8u[grid](dq, dk, dv, out, qs, ks, vs, vm, Lq, Lk, H, ks.shape[-1], out.stride(0),
-                                      out.stride(1), scale * LOG2E, k_block // block_n, D=D, BLOCK_N=block_n,
-                                      STAGES=stages, NC=consumers, CONSUMER_REGS=consumer_regs, num_warps=4)
-        if id(kern) not in _U8_CHECKED:  # once per compiled kernel: the hook did rewrite it
-            if "s32.u8.u8" not in kern.asm["ptx"]:
-                raise RuntimeError("the unsigned P.V kernel was compiled without its .u8 wgmma (Triton stages hook)")
-            _U8_CHECKED.add(id(kern))
-        return out
-    dv = GluonDescriptor(vt, [B * H * D, Lp], [Lp, 1], [D, block_n],
-                         gl.NVMMASharedLayout.get_default_for([D, block_n], gl.int8))
-    n_vblk = vadd.shape[2]
-    da = GluonDescriptor(vadd.view(B * H * n_vblk, D), [B * H * n_vblk, D], [D, 1], [1, D], _VADD_LAYOUT)
-    _attn_fwd_ws_i8[grid](dq, dk, dv, da, out, qs, ks, vs, vm, Lq, Lk, H, ks.shape[-1], out.stride(0),
-                          out.stride(1), scale * LOG2E, k_block // block_n, D=D, BLOCK_N=block_n, STAGES=stages,
-                          NC=consumers, CONSUMER_REGS=consumer_regs, num_warps=4)
+    kern = _attn_fwd_ws_i8u[grid](dq, dk, dv, out, qs, ks, vs, vm, Lq, Lk, H, ks.shape[-1], out.stride(0),
+                                  out.stride(1), scale * LOG2E, k_block // block_n, D=D, BLOCK_N=block_n,
+                                  STAGES=stages, NC=consumers, CONSUMER_REGS=consumer_regs, num_warps=4)
+    if id(kern) not in _U8_CHECKED:  # once per compiled kernel: the hook did rewrite it
+        if "s32.u8.u8" not in kern.asm["ptx"]:
+            raise RuntimeError("the int8-int8 kernel was compiled without its .u8 wgmma (Triton stages hook)")
+        _U8_CHECKED.add(id(kern))
     return out
+
+
+def have_u8_pv() -> bool:
+    """Whether this Triton can build the int8-int8 Gluon kernel (Gluon and the pipeline-stages hook)."""
+    return HAVE_GLUON and _install_u8_pv_hook()
 
 
 _U8_CHECKED: set[int] = set()
@@ -709,8 +554,6 @@ def _i8_default_regs(consumers: int) -> int:
 
 
 _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.int8: "int8"}
-if HAVE_GLUON:
-    _VADD_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
 
 
 def _gdesc(t: torch.Tensor, block: list[int]):
@@ -741,30 +584,25 @@ def compile_ws_sm90(block_n: int = 128, stages: int = 3, pingpong: bool = True, 
 
 
 def compile_ws_int8_sm90(block_n: int = 128, stages: int = 4, consumers: int = 3, consumer_regs: int | None = None,
-                         D: int = 128, unsigned_pv: bool = True):
-    """`compile_ws_sm90` for the int8-int8 kernel (`_attn_fwd_ws_i8u`, or `_attn_fwd_ws_i8` for signed P.V)."""
+                         D: int = 128):
+    """`compile_ws_sm90` for the int8-int8 kernel `_attn_fwd_ws_i8u` (its P.V rewritten to .u8.u8)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    def desc(block):
-        lay = gl.NVMMASharedLayout.get_default_for(block, gl.int8)
-        return f"tensordesc<i8{list(block)},{lay!r}>".replace("'", "")
+    if not _install_u8_pv_hook():
+        raise RuntimeError("this Triton has no pipeline-stages hook for the int8-int8 kernel")
 
-    sig = {"desc_q": desc([64, D]), "desc_k": desc([block_n, D]), "desc_v": desc([D, block_n]),
-           "desc_a": f"tensordesc<i32[1, {D}],{_VADD_LAYOUT!r}>".replace("'", ""), "O": "*bf16",
-           "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "VM": "*fp32", "Lq": "i32", "Lk": "i32",
+    def desc(block, ty):
+        lay = gl.NVMMASharedLayout.get_default_for(block, gl.int8)
+        return f"tensordesc<{ty}{list(block)},{lay!r}>".replace("'", "")
+
+    sig = {"desc_q": desc([64, D], "i8"), "desc_k": desc([block_n, D], "i8"), "desc_v": desc([D, block_n], "u8"),
+           "O": "*bf16", "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "VM": "*fp32", "Lq": "i32", "Lk": "i32",
            "H": "i32", "n_kblk": "i32", "stride_ob": "i32", "stride_ol": "i32", "qk_scale": "fp32", "kb_per": "i32",
            "D": "constexpr", "BLOCK_N": "constexpr", "STAGES": "constexpr", "NC": "constexpr",
            "CONSUMER_REGS": "constexpr"}
     consts = {"D": D, "BLOCK_N": block_n, "STAGES": stages, "NC": consumers,
               "CONSUMER_REGS": consumer_regs or _i8_default_regs(consumers)}
-    fn = _attn_fwd_ws_i8
-    if unsigned_pv:
-        if not _install_u8_pv_hook():
-            raise RuntimeError("this Triton has no pipeline-stages hook for the unsigned P.V kernel")
-        del sig["desc_a"]
-        sig["desc_v"] = sig["desc_v"].replace("<i8", "<u8")
-        fn = _attn_fwd_ws_i8u
-    src = GluonASTSource(fn=fn, signature=sig, constexprs=consts)
+    src = GluonASTSource(fn=_attn_fwd_ws_i8u, signature=sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

@@ -90,11 +90,11 @@ PROBE_I8 = r"""
 import json, re, sys
 from storymem_rt.kernels.attention_gluon import compile_ws_int8_sm90
 out = []
-for bn, st, nc, unsigned in json.loads(sys.argv[1]):
-    k = compile_ws_int8_sm90(block_n=bn, stages=st, consumers=nc, unsigned_pv=unsigned)
+for bn, st, nc in json.loads(sys.argv[1]):
+    k = compile_ws_int8_sm90(block_n=bn, stages=st, consumers=nc)
     ptx = k.asm["ptx"]
     mma = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.s32\.(\w+)\.(\w+)\s*\{[^}]*\},\s*(\{?)", ptx)
-    out.append(dict(cfg=[bn, st, nc, unsigned], shared=k.metadata.shared, cubin=len(k.asm["cubin"]),
+    out.append(dict(cfg=[bn, st, nc], shared=k.metadata.shared, cubin=len(k.asm["cubin"]),
                     mma=[f"{a}.{b}.{'regs' if r else 'smem'}" for a, b, r in mma],
                     setmaxnreg=ptx.count("setmaxnreg"), shfl=ptx.count("shfl.sync"),
                     threads=int(ptx.split(".reqntid")[1].split()[0].strip(",")) if ".reqntid" in ptx else 0))
@@ -105,28 +105,27 @@ print(json.dumps(out))
 def test_int8_ws_kernels_compile_for_sm90_with_p_from_registers(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compiled here, not a cached PTX from before a change
-    cfgs = [[128, 4, 3, True], [128, 3, 2, True], [128, 4, 3, False]]  # the default, two consumers, signed P.V
+    cfgs = [[128, 4, 3], [128, 3, 2]]  # the default, and two consumers
     r = subprocess.run([sys.executable, "-c", PROBE_I8, json.dumps(cfgs)], capture_output=True, text=True, env=env,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = {tuple(d["cfg"]): d for d in json.loads(r.stdout.strip().splitlines()[-1])}
-    for (bn, st, nc, unsigned), d in res.items():
+    for (bn, st, nc), d in res.items():
         assert d["cubin"] > 0 and d["shared"] <= H100_MAX_SHARED, d
         assert d["setmaxnreg"] >= 2, d
         # Q.K (D/32 wgmmas of k = 32, both operands in shared memory, int8) and P.V (block_n/32, P
         # from registers: _relabel_p converts trivially, the compile would fail otherwise) come in
-        # whole groups, one per call site of the block function (unmasked loop body, masked last
-        # block; the unsigned kernel also peels the first) for at least two consumers (Triton 3.6
-        # emits every consumer's copy, 3.8 shares some)
-        qk, pv = d["mma"].count("s8.s8.smem"), d["mma"].count("u8.u8.regs" if unsigned else "s8.s8.regs")
-        assert qk + pv == len(d["mma"]), d  # nothing else: in particular no Q.K read as unsigned
+        # whole groups, one per call site of the block function (first block, unmasked loop body,
+        # masked last block) for at least two consumers (Triton 3.6 emits every consumer's copy, 3.8
+        # shares some); the P.V ones read both operands as unsigned (the `_u8_pv_hook` rewrite)
+        qk, pv = d["mma"].count("s8.s8.smem"), d["mma"].count("u8.u8.regs")
+        assert qk + pv == len(d["mma"]), d  # nothing else: no P.V left signed, no Q.K read as unsigned
         assert qk * (bn // 32) == pv * (128 // 32), d
-        sites = 3 if unsigned else 2
-        assert 2 * 2 <= qk // 4 <= nc * sites, d
+        assert 2 * 2 <= qk // 4 <= nc * 3, d
         # warpgroups: nc consumers and the loader's
         assert d["threads"] == 128 * (nc + 1), d
         # shuffles only for the row max and sum (2 per row-reduction step): no layout shuffles of P
-        assert d["shfl"] <= nc * sites * 2 * 2 * 2 + 8, d
+        assert d["shfl"] <= nc * 3 * 2 * 2 * 2 + 8, d
 
 
 def test_u8_patch_rewrites_only_the_pv_wgmmas_of_the_unsigned_kernel():
@@ -138,7 +137,7 @@ def test_u8_patch_rewrites_only_the_pv_wgmmas_of_the_unsigned_kernel():
     out = _u8_pv_patch(".entry _attn_fwd_ws_i8u(\n" + body)
     assert smem_a in out and regs_a not in out
     assert regs_a.replace(".s8.s8", ".u8.u8") in out
-    other = ".entry _attn_fwd_ws_i8(\n" + body  # the signed kernel (and any other) is left alone
+    other = ".entry _attn_fwd_ws_i8(\n" + body  # any other kernel is left alone
     assert _u8_pv_patch(other) == other
 
 
