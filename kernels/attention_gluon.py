@@ -541,7 +541,8 @@ def flash_attention_ws_int8(q, k, v, scale: float | None = None, block_n: int = 
 
 
 def have_u8_pv() -> bool:
-    """Whether this Triton can build the int8-int8 Gluon kernel (Gluon and the pipeline-stages hook)."""
+    """Whether this Triton can build the int8-int8 Gluon kernel (Gluon and the pipeline-stages hook,
+    which this installs)."""
     return HAVE_GLUON and _install_u8_pv_hook()
 
 
