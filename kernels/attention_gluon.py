@@ -283,6 +283,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _i8u_loader(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, q_row, n_blk,
                     kv_row, col, vt_row):
+        """One warp: the consumers' Q tiles, then per key block K [BLOCK_N, D] and V^T [D, BLOCK_N] at
+        [vt_row, blk * BLOCK_N] into the ring."""
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         _load_q_tiles(desc_q, q_smem, q_bar, q_row, col)
         for blk in range(n_blk):
@@ -293,6 +295,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _i8u_block(j, q_op, k_smem, v_smem, k_full, v_full, kv_empty, acc, l_i, m_ref, m_run, rfac, ks_ptr, kb_per,
                    Lk, MASK: gl.constexpr, FIRST: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr):
+        """Key block j, start to end, in one consumer warpgroup; FIRST: block 0, whose row max becomes
+        the reference max."""
         STAGES: gl.constexpr = k_smem.shape[0]
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         BM: gl.constexpr = acc.shape[0]
@@ -302,16 +306,20 @@ if HAVE_GLUON:
         slot = j % STAGES
         phase = (j // STAGES) & 1
         mbarrier.wait(k_full.index(slot), phase)
+        # fresh accumulators (use_acc=False: never read); carried through the loop they would hold
+        # registers for nothing
         s = gl.zeros([BM, BLOCK_N], gl.int32, s_layout)
         s = warpgroup_mma(q_op, k_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
         fac = rfac * gl.load(ks_ptr + j // kb_per)
         s = warpgroup_mma_wait(0, deps=[s])
+        # |q.k| < 2^22: the float with bits q.k + 0x4B400000 is exactly q.k + 1.5 * 2^23 (no conversion
+        # on the slow unit exp2 also needs); the offset folds into the FMAs below
         sf = (s + 0x4B400000).to(gl.float32, bitcast=True)
         if MASK:
             cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             sf = gl.where(gl.expand_dims(cols < Lk, 0), sf, float("-inf"))
         base = 12582912.0 * fac
-        m_blk = gl.max(sf, 1) * fac - base
+        m_blk = gl.max(sf, 1) * fac - base  # this block's row max (log2 units)
         if FIRST:
             m_ref = m_blk
             m_run = m_blk
@@ -334,6 +342,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _i8u_consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM, q_row0, Lq,
                       Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C: gl.constexpr):
+        """Consumer warpgroup C: query rows q_row0 + 64 C + [0, 64)."""
         BM: gl.constexpr = 64
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         D: gl.constexpr = k_smem.shape[2]
@@ -348,7 +357,7 @@ if HAVE_GLUON:
         bh = b * H + h
         rows = q_row0 + C * BM + gl.arange(0, BM, layout=row_l)
         qs = gl.load(QS + (b.to(gl.int64) * Lq + rows) * H + h, mask=rows < Lq, other=1.0)
-        rfac = qs * qk_scale
+        rfac = qs * qk_scale  # Q's scale per row; K's per block joins it in _i8u_block
         ks_ptr = KS + bh * n_kblk
         q_op = q_smem.index(C)
         mbarrier.wait(q_bar.index(C), 0)
@@ -368,6 +377,7 @@ if HAVE_GLUON:
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
             l_i = l_i * alpha
             m_ref = m_run
+        # only the last block can reach past Lk: the key mask (a compare and a select per score) there
         if n_blk > 1:
             acc, l_i, m_ref, m_run = _i8u_block(n_blk - 1, q_op, k_smem, v_smem, k_full, v_full, kv_empty, acc, l_i,
                                                 m_ref, m_run, rfac, ks_ptr, kb_per, Lk, True, False, s_layout,
@@ -410,6 +420,8 @@ if HAVE_GLUON:
         q_row0 = pid_m * (64 * NC)
         largs = (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty,
                  b * Lq + q_row0, n_blk, b * Lk, h * D, bh * D)
+        # the consumer index reaches each partition as a constexpr only when the argument tuple is
+        # written in the call (a tuple held in a variable, or an int literal, arrives as a tensor)
         C0: gl.constexpr = 0
         C1: gl.constexpr = 1
         C2: gl.constexpr = 2
