@@ -1,14 +1,18 @@
-"""Configs of the warp-specialized Gluon attention kernel (kernels/attention_gluon.py), on one GPU.
+"""Configs of the warp-specialized Gluon attention kernels (kernels/attention_gluon.py), on one GPU.
 
-    python bench/gluon_attn.py [--L 48360] [--configs ws,128,3,1 ws,128,2,0 i8,128,3,3 ...]
+    python bench/gluon_attn.py [--L 48360] [--configs ws,64,4,3,64 ws,128,3,2,0 i8,128,4,3 ...]
 
-Checks each config against float64 at odd lengths (1 to 4099, two samples per batch so the tail
+Checks each config against float64 at odd lengths (1 to 12000, two samples per batch so the tail
 tile reads the next sample's rows) and on 128 query rows at L, then times them with do_bench
 (median) next to our `tl` kernel (attention.py) and cuDNN SDPA.
-Config = ws,block_n,stages,pingpong (bf16; 128 query rows per program: two consumer warpgroups), or
+Config = ws,block_n,stages,consumers,lazy (bf16: 2 or 3 consumer warpgroups of 64 rows; lazy > 0:
+windows of that many key blocks with the bounded lazy rescale, 0: rescale per block), or
 i8,block_n,stages,consumers[,consumer_regs] (the int8-int8 kernel: 2 or 3 consumer warpgroups of 64
-rows; consumer_regs 0 or left out: the default for that many). The odd-length checks also run sharp attention (q scaled by 8: peaked rows whose
-running max climbs, as in a trained model's attention).
+rows; consumer_regs 0 or left out: the default for that many). The odd-length checks also run
+sharp attention (q scaled by 3 or 8: peaked rows whose running max climbs, as in a trained model's
+attention; x8 makes the bf16 kernel's lazy-rescale guard fall back) and "rise" (keys along the
+queries' direction with growing norms: the row max climbs ~115 natural units, 165 log2, along the
+keys, which would overflow an unguarded lazy rescale).
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ def inputs(L, H=H, seed=0):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--L", type=int, default=48360)
-    ap.add_argument("--configs", nargs="*", default=["ws,128,3,1", "ws,128,3,0", "ws,128,2,1", "ws,64,6,1"])
+    ap.add_argument("--configs", nargs="*", default=["ws,64,4,3,64", "ws,64,4,3,0", "ws,128,3,2,64", "i8,128,4,3"])
     ap.add_argument("--rep", type=int, default=1000)
     a = ap.parse_args()
     cfgs = [c.split(",") for c in a.configs]
@@ -52,13 +56,21 @@ def main():
             regs = int(cfg[4]) if len(cfg) > 4 and int(cfg[4]) else None
             return flash_attention_ws_int8(q, k, v, block_n=int(cfg[1]), stages=int(cfg[2]), consumers=int(cfg[3]),
                                            consumer_regs=regs)
-        return flash_attention_ws(q, k, v, block_n=int(cfg[1]), stages=int(cfg[2]), pingpong=bool(int(cfg[3])))
+        return flash_attention_ws(q, k, v, block_n=int(cfg[1]), stages=int(cfg[2]), consumers=int(cfg[3]),
+                                  lazy=int(cfg[4]))
 
     res = dict(device=torch.cuda.get_device_name(), rows=[])
     # correctness at small odd shapes, two samples per batch (the tail tile reads the next sample's rows)
-    for L, sharp in ((1, 1), (63, 1), (64, 1), (65, 1), (129, 1), (1000, 1), (4099, 1), (4099, 8), (12000, 8)):
+    for L, sharp in ((1, 1), (63, 1), (64, 1), (65, 1), (129, 1), (1000, 1), (4099, 1), (4099, 3), (4099, 8),
+                     (12000, 8), (4099, "rise"), (12000, "rise")):
         q, k, v = inputs(L, H=3, seed=L)
-        q = q * sharp
+        if sharp == "rise":  # keys along one direction, growing: logits climb from ~1 to ~115 natural units
+            u = torch.nn.functional.normalize(torch.randn(1, 1, 3, D, device="cuda"), dim=-1) * D ** 0.5
+            grow = torch.linspace(0.1, 10.0, L, device="cuda")[None, :, None, None]
+            q = (u + 0.3 * q.float()).bfloat16()
+            k = (grow * u + 0.3 * k.float()).bfloat16()
+        else:
+            q = q * sharp
         q, k, v = (torch.cat([t, t.flip(1)], 0) for t in (q, k, v))
         ref = attention_ref(q, k, v)
         for cfg in cfgs:

@@ -1,7 +1,7 @@
 """Compile an attention kernel for sm_90a without a GPU and count its SASS instructions.
 
     python bench/sass.py --mode bf16 --cfg 128,128,8,3 [--dump out.sass]
-    python bench/sass.py --mode gluon --cfg 128,3,1,240      # the warp-specialized Gluon kernel
+    python bench/sass.py --mode gluon --cfg 64,4,3,64,0 --all-loops   # the warp-specialized Gluon kernel
     python bench/sass.py --mode gluon-int8 --cfg 128,3,3,0   # its int8-int8 sibling
 
 Triton's bundled ptxas/nvdisasm do the work, so this runs on a CPU-only machine (its Triton may be
@@ -68,6 +68,28 @@ def resources(k) -> str:
 LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
+def loops(sass: str):
+    """Every loop (first, last address) closed by a predicated backward branch, largest first."""
+    ins, labels, pending, out = [], {}, [], []
+    for line in sass.splitlines():
+        lab = re.match(r"\s*(\.L_x_\d+):", line)
+        if lab:
+            pending.append(lab.group(1))
+            continue
+        m = LINE.search(line)
+        if m:
+            addr = int(m.group(1), 16)
+            for name in pending:
+                labels[name] = addr
+            pending = []
+            ins.append((addr, m.group(3), line, bool(m.group(2))))
+    for addr, op, line, predicated in ins:
+        tgt = re.search(r"\((\.L_x_\d+)\)", line) if op.startswith("BRA") and predicated else None
+        if tgt and tgt.group(1) in labels and labels[tgt.group(1)] < addr:
+            out.append([i for i in ins if labels[tgt.group(1)] <= i[0] <= addr])
+    return sorted(out, key=len, reverse=True)
+
+
 def hot_loop(sass: str):
     """Instructions (address, opcode, line, predicated) of the largest loop: the longest predicated
     backward branch to a label (nvdisasm names branch targets `.L_x_N`); the whole kernel if none."""
@@ -103,15 +125,16 @@ def main(argv=None):
     ap.add_argument("--mode", default="bf16",
                     help="a mode of attention.py, or 'gluon' / 'gluon-int8' (attention_gluon.py)")
     ap.add_argument("--cfg", default="128,128,8,3",
-                    help="block_m,block_n,warps,stages; gluon: block_n,stages,pingpong,consumer_regs; "
+                    help="block_m,block_n,warps,stages; gluon: block_n,stages,consumers,lazy,consumer_regs (0: default); "
                          "gluon-int8: block_n,stages,consumers,consumer_regs (0: default)")
     ap.add_argument("--dump")
+    ap.add_argument("--all-loops", action="store_true", help="also print every loop's size and MUFU count")
     a = ap.parse_args(argv)
     if a.mode == "gluon":
         from storymem_rt.kernels.attention_gluon import compile_ws_sm90
 
-        bn, st, pp, regs = (int(x) for x in a.cfg.split(","))
-        k = compile_ws_sm90(bn, st, bool(pp), regs)
+        bn, st, nc, lazy, regs = (int(x) for x in a.cfg.split(","))
+        k = compile_ws_sm90(bn, st, nc, lazy, regs or None)
     elif a.mode == "gluon-int8":
         from storymem_rt.kernels.attention_gluon import compile_ws_int8_sm90
 
@@ -129,6 +152,11 @@ def main(argv=None):
     print(f"{a.mode} {a.cfg}: {resources(k)}; hot loop {len(loop)} instructions")
     for op, n in hist.most_common():
         print(f"  {op:10s} {n}")
+    if a.all_loops:
+        for lp in (lp for lp in loops(sass) if len(lp) >= 16):
+            h = collections.Counter(op.split(".")[0] for _, op, _, _ in lp)
+            print(f"  loop {lp[0][0]:#x}-{lp[-1][0]:#x}: {len(lp)} instructions, {h['MUFU']} MUFU, "
+                  f"{h['FMUL']} FMUL, {h['HGMMA']} HGMMA")
 
 
 if __name__ == "__main__":

@@ -8,23 +8,35 @@ Same contract and math as `attention.flash_attention(mode="bf16")` (q [B, Lq, H,
 non-causal, fp32 online softmax); `flash_attention` routes bf16 calls here on Hopper. What differs
 from the `tl` kernel in attention.py is the schedule. Triton's `tl.dot` waits for each Q.K product
 right after issuing it and puts CTA-wide barriers around its TMA loads, so there the tensor cores
-and the softmax take turns (kernels/NOTES.md). Here each program of 128 query rows runs three
+and the softmax take turns (kernels/NOTES.md). Here each program of 64 NC query rows runs NC + 1
 partitions (FlashAttention-3's design):
 
-- a loader warp: both Q tiles, then K/V blocks by TMA into a ring of `STAGES` buffers, each freed
-  by an mbarrier that both consumers arrive on once their MMAs on it are done;
-- two consumer warpgroups of 64 rows each: for key block j, issue S_j = Q K_j^T and
-  O += P_{j-1} V_{j-1} (async wgmma), wait for S_j only, softmax, wait for the P.V, rescale O.
-  With `PINGPONG` they take turns issuing those MMAs (two mbarriers), so one's softmax runs while
-  the other's MMAs keep the tensor cores busy.
+- a loader warp: the consumers' Q tiles, then K/V blocks by TMA into a ring of `STAGES` buffers,
+  each freed by an mbarrier that every consumer arrives on once its MMAs on it are done;
+- NC consumer warpgroups (2 or 3) of 64 rows each: for key block j, issue S_j = Q K_j^T and
+  O += P_{j-1} V_{j-1} (async wgmma), wait for S_j only, softmax, wait for the P.V. Without a
+  CTA-wide barrier the consumers drift apart, so one's softmax runs under the others' MMAs.
+
+Two things keep the softmax short (session 6, kernels/NOTES.md; 562 -> 682 TFLOP/s on the H100):
+
+- the key mask (a compare and a select per score) only on the last key block, which alone can
+  reach past Lk (peeled);
+- the bounded lazy rescale: P_j = exp2(S_j - m_ref) against a reference max that moves to the
+  running max only at the end of windows of LAZY key blocks, so O is not rescaled per block (one
+  FMUL per output element and block saved). bf16 P keeps its relative precision at any magnitude;
+  what must not happen is overflow, so each window first checks, for every row of the warpgroup,
+  the Cauchy-Schwarz bound |q| max_k |k| (Q's row norm from the tile in shared memory, the head's
+  largest key norm from a pre-pass) against m_ref: within 2^64, no P of the window can exceed
+  2^64 and the window runs lazily; otherwise it rescales per block as FlashAttention does. The
+  result is the same softmax to rounding; only the rounding of P's leading digits differs.
 
 A single-warpgroup version with the same async issue order but no second warpgroup was no faster
 than the `tl` kernel (ptxas hoists the P.V wait above the exponentials; NOTES.md, session 3).
 
-Gluon kernels cannot run in Triton's CPU interpreter. CI compiles this kernel for sm_90a with the
-installed Triton and its bundled ptxas (tests/test_kernels.py) and checks its structure; its numbers
-are checked against float64 on the GPU by bench/kernels.py (odd lengths, two samples per batch,
-and the real shape).
+Gluon kernels cannot run in Triton's CPU interpreter. CI compiles these kernels for sm_90a with the
+installed Triton and its bundled ptxas (tests/test_kernels_gluon.py) and checks their structure;
+their numbers are checked against float64 on the GPU by bench/gluon_attn.py and bench/kernels.py
+(odd lengths, two samples per batch, sharp and climbing logits, and the real shape).
 """
 from __future__ import annotations
 
@@ -47,23 +59,6 @@ LOG2E = 1.4426950408889634
 
 
 if HAVE_GLUON:
-
-    @gluon.jit
-    def _softmax_block(s, m_i, l_i, qk_scale, n0, Lk, BLOCK_N: gl.constexpr, MASK: gl.constexpr,
-                       FIRST: gl.constexpr, s_layout: gl.constexpr):
-        if MASK:
-            cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            s = gl.where(gl.expand_dims(cols < Lk, 0), s, float("-inf"))
-        m_blk = gl.max(s, 1) * qk_scale
-        if FIRST:
-            m_new = m_blk
-            alpha = gl.zeros_like(m_blk)
-        else:
-            m_new = gl.maximum(m_i, m_blk)
-            alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
-        l_i = l_i * alpha + gl.sum(p, 1)
-        return p, m_new, l_i, alpha
 
     @gluon.jit
     def _load_q_tiles(desc_q, q_smem, q_bar, q_row, col):
@@ -98,11 +93,50 @@ if HAVE_GLUON:
             tma.async_copy_global_to_shared(desc_v, [kv_row + blk * BLOCK_N, col], v_full.index(slot),
                                             v_smem.index(slot))
 
+
+
     @gluon.jit
-    def _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, turn, O, q_row0, Lq, Lk, n_blk, b,
-                     h, stride_ob, stride_ol, qk_scale, C: gl.constexpr, PINGPONG: gl.constexpr):
-        """One warpgroup, 64 query rows. With PINGPONG the two consumers take turns issuing their MMAs
-        (FlashAttention-3's inter-warpgroup schedule): one's softmax runs under the other's MMAs."""
+    def _bf_step(j, q_op, k_smem, v_smem, k_full, v_full, kv_empty, p, acc, m_ref, m_run, l_i, qk_scale, Lk,
+                 MASK: gl.constexpr, LAZY: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr):
+        """Key block j >= 1 in one consumer: issue S_j = Q K_j^T and O += P_{j-1} V_{j-1}, wait for S_j
+        only, softmax (key mask if MASK), wait for the P.V. LAZY: P_j against the reference max m_ref,
+        m_run tracks the running max; otherwise m_ref is the running max and O is rescaled here."""
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        BM: gl.constexpr = acc.shape[0]
+        slot = j % STAGES
+        prev = (j - 1) % STAGES
+        mbarrier.wait(k_full.index(slot), (j // STAGES) & 1)
+        mbarrier.wait(v_full.index(prev), ((j - 1) // STAGES) & 1)
+        s = gl.zeros([BM, BLOCK_N], gl.float32, s_layout)
+        s = warpgroup_mma(q_op, k_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
+        pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        acc = warpgroup_mma(pb, v_smem.index(prev), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s])
+        if MASK:
+            cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(gl.expand_dims(cols < Lk, 0), s, float("-inf"))
+        m_blk = gl.max(s, 1) * qk_scale
+        if LAZY > 0:
+            m_run = gl.maximum(m_run, m_blk)
+            p = gl.exp2(s * qk_scale - gl.expand_dims(m_ref, 1))
+            l_i = l_i + gl.sum(p, 1)
+        else:
+            m_new = gl.maximum(m_ref, m_blk)
+            alpha = gl.exp2(m_ref - m_new)
+            p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_ref = m_new
+        acc, pb = warpgroup_mma_wait(0, deps=[acc, pb])
+        mbarrier.arrive(kv_empty.index(prev))
+        if LAZY == 0:
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout)), 1)
+        return p, acc, m_ref, m_run, l_i
+
+    @gluon.jit
+    def _bf_consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, KN, q_row0, Lq, Lk, n_blk, b, h,
+                     H, stride_ob, stride_ol, qk_scale, LAZY: gl.constexpr, C: gl.constexpr):
+        """Consumer warpgroup C: query rows q_row0 + 64 C + [0, 64)."""
         BM: gl.constexpr = 64
         STAGES: gl.constexpr = k_smem.shape[0]
         BLOCK_N: gl.constexpr = k_smem.shape[1]
@@ -112,126 +146,115 @@ if HAVE_GLUON:
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, D, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
+        orow_l: gl.constexpr = gl.SliceLayout(1, o_layout)
         q_op = q_smem.index(C)
         mbarrier.wait(q_bar.index(C), 0)
-        tphase = 0
-        # block 0
+        if LAZY > 0:
+            # |s| <= |q| max|k| (Cauchy-Schwarz): a per-row bound on every logit, from the Q tile in
+            # shared memory and the head's largest key norm (KN, a pre-pass)
+            q_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+            qf = q_op.load(q_l).to(gl.float32)
+            qn = gl.convert_layout(gl.sqrt(gl.sum(qf * qf, 1)), row_l)
+            bound = qn * (gl.load(KN + b * H + h) * qk_scale) * 1.001 + 1.0
         mbarrier.wait(k_full.index(0), 0)
-        if PINGPONG:
-            mbarrier.wait(turn.index(C), tphase)
-            tphase ^= 1
         s = gl.zeros([BM, BLOCK_N], gl.float32, s_layout)
         s = warpgroup_mma(q_op, k_smem.index(0).permute((1, 0)), s, use_acc=False, is_async=True)
-        if PINGPONG:
-            mbarrier.arrive(turn.index(1 - C))
         s = warpgroup_mma_wait(0, deps=[s])
-        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
-        p, m_i, l_i, alpha = _softmax_block(s, l_i, l_i, qk_scale, 0, Lk, BLOCK_N, True, True, s_layout)
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where(gl.expand_dims(cols < Lk, 0), s, float("-inf"))
+        m_ref = gl.max(s, 1) * qk_scale
+        m_run = m_ref
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_ref, 1))
+        l_i = gl.sum(p, 1)
         acc = gl.zeros([BM, D], gl.float32, o_layout)
-        for j in range(1, n_blk):
-            slot = j % STAGES
-            prev = (j - 1) % STAGES
-            mbarrier.wait(k_full.index(slot), (j // STAGES) & 1)
-            mbarrier.wait(v_full.index(prev), ((j - 1) // STAGES) & 1)
-            if PINGPONG:
-                mbarrier.wait(turn.index(C), tphase)
-                tphase ^= 1
-            s = warpgroup_mma(q_op, k_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
-            pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-            acc = warpgroup_mma(pb, v_smem.index(prev), acc, is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turn.index(1 - C))
-            s = warpgroup_mma_wait(1, deps=[s])
-            # every block goes through the key mask (a compare and a select per score): simpler than
-            # peeling the last block, which could win back a little
-            p, m_new, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, j * BLOCK_N, Lk, BLOCK_N, True, False,
-                                                  s_layout)
-            acc, pb = warpgroup_mma_wait(0, deps=[acc, pb])
-            mbarrier.arrive(kv_empty.index(prev))
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-            m_i = m_new
+        if LAZY > 0:
+            for j0 in range(1, n_blk - 1, LAZY):
+                j1 = gl.minimum(j0 + LAZY, n_blk - 1)
+                # P against m_ref stays below 2^64 through the window if every row's bound is within
+                # 64 of its running max; otherwise this window rescales per block
+                if gl.max(bound - m_ref, 0) <= 64.0:
+                    for j in range(j0, j1):
+                        p, acc, m_ref, m_run, l_i = _bf_step(j, q_op, k_smem, v_smem, k_full, v_full, kv_empty, p,
+                                                             acc, m_ref, m_run, l_i, qk_scale, Lk, False, LAZY,
+                                                             s_layout, p_layout)
+                    alpha = gl.exp2(m_ref - m_run)
+                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
+                    p = p * gl.expand_dims(alpha, 1)  # block j1 - 1's P.V is not issued yet
+                    l_i = l_i * alpha
+                    m_ref = m_run
+                else:
+                    for j in range(j0, j1):
+                        p, acc, m_ref, m_run, l_i = _bf_step(j, q_op, k_smem, v_smem, k_full, v_full, kv_empty, p,
+                                                             acc, m_ref, m_run, l_i, qk_scale, Lk, False, 0,
+                                                             s_layout, p_layout)
+                    m_run = m_ref
+        else:
+            for j in range(1, n_blk - 1):
+                p, acc, m_ref, m_run, l_i = _bf_step(j, q_op, k_smem, v_smem, k_full, v_full, kv_empty, p, acc,
+                                                     m_ref, m_run, l_i, qk_scale, Lk, False, 0, s_layout, p_layout)
+        if n_blk > 1:  # only the last block can reach past Lk: the key mask there
+            p, acc, m_ref, m_run, l_i = _bf_step(n_blk - 1, q_op, k_smem, v_smem, k_full, v_full, kv_empty, p, acc,
+                                                 m_ref, m_run, l_i, qk_scale, Lk, True, 0, s_layout, p_layout)
         last = (n_blk - 1) % STAGES
         mbarrier.wait(v_full.index(last), ((n_blk - 1) // STAGES) & 1)
-        if PINGPONG:
-            mbarrier.wait(turn.index(C), tphase)
         pb = gl.convert_layout(p.to(gl.bfloat16), p_layout)
         acc = warpgroup_mma(pb, v_smem.index(last), acc, is_async=True)
-        if PINGPONG:
-            mbarrier.arrive(turn.index(1 - C))
         acc, pb = warpgroup_mma_wait(0, deps=[acc, pb])
         mbarrier.arrive(kv_empty.index(last))
-        acc = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-        offs_m = q_row0 + C * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, o_layout))
+        acc = acc / gl.expand_dims(gl.convert_layout(l_i, orow_l), 1)
+        offs_m = q_row0 + C * BM + gl.arange(0, BM, layout=orow_l)
         offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
         o_ptr = (O + b.to(gl.int64) * stride_ob + gl.expand_dims(offs_m.to(gl.int64) * stride_ol, 1)
                  + h * D + gl.expand_dims(offs_d, 0))
         gl.store(o_ptr, acc.to(gl.bfloat16), mask=gl.expand_dims(offs_m < Lq, 1))
 
     @gluon.jit
-    def _ws_consumer0(q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, turn, O, q_row0, Lq, Lk, n_blk, b,
-                      h, stride_ob, stride_ol, qk_scale):
-        _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, turn, O, q_row0, Lq, Lk, n_blk, b,
-                     h, stride_ob, stride_ol, qk_scale, 0, False)
-
-    @gluon.jit
-    def _ws_consumer1(q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, turn, O, q_row0, Lq, Lk, n_blk, b,
-                      h, stride_ob, stride_ol, qk_scale):
-        _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, turn, O, q_row0, Lq, Lk, n_blk, b,
-                     h, stride_ob, stride_ol, qk_scale, 1, False)
-
-    @gluon.jit
-    def _ws_consumer0_pp(q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, turn, O, q_row0, Lq, Lk, n_blk,
-                         b, h, stride_ob, stride_ol, qk_scale):
-        _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, turn, O, q_row0, Lq, Lk, n_blk, b,
-                     h, stride_ob, stride_ol, qk_scale, 0, True)
-
-    @gluon.jit
-    def _ws_consumer1_pp(q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, turn, O, q_row0, Lq, Lk, n_blk,
-                         b, h, stride_ob, stride_ol, qk_scale):
-        _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, turn, O, q_row0, Lq, Lk, n_blk, b,
-                     h, stride_ob, stride_ol, qk_scale, 1, True)
-
-    @gluon.jit
-    def _attn_fwd_ws(desc_q, desc_k, desc_v, O, Lq, Lk, H, stride_ob, stride_ol, qk_scale,
-                     D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                     CONSUMER_REGS: gl.constexpr):
-        """128 query rows per program: two consumer warpgroups (64 rows each) and a loader warp."""
+    def _attn_fwd_ws(desc_q, desc_k, desc_v, O, KN, Lq, Lk, H, stride_ob, stride_ol, qk_scale,
+                     D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr,
+                     LAZY: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+        """64 NC query rows per program: NC (2 or 3) consumer warpgroups of 64 rows and a loader warp."""
         pid_m = gl.program_id(0)
         bh = gl.program_id(1)
         b = bh // H
         h = bh - b * H
-        q_smem = gl.allocate_shared_memory(desc_q.dtype, [2, 64, D], desc_q.layout)
+        q_smem = gl.allocate_shared_memory(desc_q.dtype, [NC, 64, D], desc_q.layout)
         k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, D], desc_k.layout)
         v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, BLOCK_N, D], desc_v.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_bar = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
         k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
+        for i in gl.static_range(NC):
             mbarrier.init(q_bar.index(i), count=1)
-            mbarrier.init(turn.index(i), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_full.index(i), count=1)
             mbarrier.init(v_full.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=2)
+            mbarrier.init(kv_empty.index(i), count=NC)
         fence_async_shared()
-        if PINGPONG:
-            mbarrier.arrive(turn.index(0))  # consumer 0 issues first
         n_blk = gl.cdiv(Lk, BLOCK_N)
-        kv_row = b * Lk
-        col = h * D
-        q_row0 = pid_m * 128
-        cargs = (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, turn, O, q_row0, Lq, Lk, n_blk, b, h,
-                 stride_ob, stride_ol, qk_scale)
+        q_row0 = pid_m * (64 * NC)
         largs = (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, b * Lq + q_row0,
-                 n_blk, kv_row, col)
-        if PINGPONG:
-            gl.warp_specialize([(_ws_consumer0_pp, cargs), (_ws_consumer1_pp, cargs), (_ws_loader, largs)],
-                               [4, 1], [CONSUMER_REGS, 24])
+                 n_blk, b * Lk, h * D)
+        C0: gl.constexpr = 0
+        C1: gl.constexpr = 1
+        C2: gl.constexpr = 2
+        if NC == 3:
+            gl.warp_specialize([
+                (_bf_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, KN, q_row0, Lq, Lk,
+                                n_blk, b, h, H, stride_ob, stride_ol, qk_scale, LAZY, C0)),
+                (_bf_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, KN, q_row0, Lq, Lk,
+                                n_blk, b, h, H, stride_ob, stride_ol, qk_scale, LAZY, C1)),
+                (_bf_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, KN, q_row0, Lq, Lk,
+                                n_blk, b, h, H, stride_ob, stride_ol, qk_scale, LAZY, C2)),
+                (_ws_loader, largs)], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
         else:
-            gl.warp_specialize([(_ws_consumer0, cargs), (_ws_consumer1, cargs), (_ws_loader, largs)],
-                               [4, 1], [CONSUMER_REGS, 24])
+            gl.warp_specialize([
+                (_bf_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, KN, q_row0, Lq, Lk,
+                                n_blk, b, h, H, stride_ob, stride_ol, qk_scale, LAZY, C0)),
+                (_bf_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, KN, q_row0, Lq, Lk,
+                                n_blk, b, h, H, stride_ob, stride_ol, qk_scale, LAZY, C1)),
+                (_ws_loader, largs)], [4, 1], [CONSUMER_REGS, 24])
 
 
 if HAVE_GLUON:
@@ -477,11 +500,13 @@ if HAVE_GLUON:
     _u8_pv_hook.prev = None
 
 
-def flash_attention_ws(q, k, v, scale: float | None = None, block_n: int = 128, stages: int = 3,
-                       pingpong: bool = True, consumer_regs: int = 240) -> torch.Tensor:
+def flash_attention_ws(q, k, v, scale: float | None = None, block_n: int = 64, stages: int = 4,
+                       consumers: int = 3, lazy: int = 64, consumer_regs: int | None = None) -> torch.Tensor:
     """bf16 attention by the warp-specialized Gluon kernel (Hopper only). q [B, Lq, H, D], k, v
     [B, Lk, H, D] whose rows are [B*L, H*D] with 16-byte aligned strides (what `attention._rows2d`
-    returns). Defaults: the fastest of the H100 sweep (kernels/NOTES.md, session 3)."""
+    returns). `consumers` warpgroups of 64 query rows per program; `lazy` > 0: windows of that many
+    key blocks with the bounded lazy rescale, 0: rescale O at every block. Defaults: the fastest of
+    the H100 sweep (kernels/NOTES.md, session 6)."""
     if not HAVE_GLUON:
         raise RuntimeError("the Gluon attention kernel needs triton >= 3.5 (triton.experimental.gluon)")
     B, Lq, H, D = q.shape
@@ -494,13 +519,14 @@ def flash_attention_ws(q, k, v, scale: float | None = None, block_n: int = 128, 
     out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=q.device)
     if Lq == 0 or B * H == 0:
         return out
-    dq = _gdesc(q, [64, D])
-    dk = _gdesc(k, [block_n, D])
-    dv = _gdesc(v, [block_n, D])
-    grid = ((Lq + 127) // 128, B * H)
-    _attn_fwd_ws[grid](dq, dk, dv, out, Lq, Lk, H, out.stride(0), out.stride(1), scale * LOG2E,
-                       D=D, BLOCK_N=block_n, STAGES=stages, PINGPONG=pingpong, CONSUMER_REGS=consumer_regs,
-                       num_warps=4)
+    # the largest key norm per (sample, head), for the lazy rescale's bound on the logits (its guard
+    # has 2^63 of slack, so the norms' bf16 rounding does not matter)
+    kn = torch.linalg.vector_norm(k, dim=-1).amax(dim=1).float().contiguous() if lazy else out
+    rows = 64 * consumers
+    _attn_fwd_ws[((Lq + rows - 1) // rows, B * H)](
+        _gdesc(q, [64, D]), _gdesc(k, [block_n, D]), _gdesc(v, [block_n, D]), out, kn, Lq, Lk, H, out.stride(0),
+        out.stride(1), scale * LOG2E, D=D, BLOCK_N=block_n, STAGES=stages, NC=consumers, LAZY=lazy,
+        CONSUMER_REGS=consumer_regs or _consumer_regs(consumers), num_warps=4)
     return out
 
 
@@ -532,7 +558,7 @@ def flash_attention_ws_int8(q, k, v, scale: float | None = None, block_n: int = 
     out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16, device=q.device)
     if Lq == 0 or B * H == 0:
         return out
-    consumer_regs = consumer_regs or _i8_default_regs(consumers)
+    consumer_regs = consumer_regs or _consumer_regs(consumers)
     q8, qs, k8, ks, vt, vs, vm, _ = quantize_qkv(q, k, v, "int8-int8", k_block, v_block=block_n, perm32=True,
                                                  unsigned_v=True)
     dq = _gdesc(q8, [64, D])
@@ -561,7 +587,7 @@ def have_u8_pv() -> bool:
 _U8_CHECKED: set[int] = set()
 
 
-def _i8_default_regs(consumers: int) -> int:
+def _consumer_regs(consumers: int) -> int:
     """Registers per consumer thread: what the register file (64K) holds beside the loader's warpgroup at 24."""
     return 240 if consumers == 2 else 160
 
@@ -575,10 +601,11 @@ def _gdesc(t: torch.Tensor, block: list[int]):
     return GluonDescriptor(t, [B * L, H * D], [t.stride(1), 1], block, layout)
 
 
-def compile_ws_sm90(block_n: int = 128, stages: int = 3, pingpong: bool = True, consumer_regs: int = 240,
-                    D: int = 128):
-    """Compile `_attn_fwd_ws` for sm_90a without a GPU (Triton's bundled ptxas); returns Triton's
-    compiled kernel (`.asm["ptx"]`, `.asm["cubin"]`, `.metadata.shared`). Used by CI and bench/sass.py."""
+def compile_ws_sm90(block_n: int = 64, stages: int = 4, consumers: int = 3, lazy: int = 64,
+                    consumer_regs: int | None = None, D: int = 128):
+    """Compile the bf16 kernel `_attn_fwd_ws` for sm_90a without a GPU (Triton's bundled ptxas);
+    returns Triton's compiled kernel (`.asm["ptx"]`, `.asm["cubin"]`, `.metadata.shared`). Used by CI
+    and bench/sass.py."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -588,10 +615,11 @@ def compile_ws_sm90(block_n: int = 128, stages: int = 3, pingpong: bool = True, 
         return f"tensordesc<bf16{list(block)},{lay!r}>".replace("'", "")
 
     sig = {"desc_q": desc([64, D]), "desc_k": desc([block_n, D]), "desc_v": desc([block_n, D]), "O": "*bf16",
-           "Lq": "i32", "Lk": "i32", "H": "i32", "stride_ob": "i32", "stride_ol": "i32", "qk_scale": "fp32",
-           "D": "constexpr", "BLOCK_N": "constexpr", "STAGES": "constexpr", "PINGPONG": "constexpr",
-           "CONSUMER_REGS": "constexpr"}
-    consts = {"D": D, "BLOCK_N": block_n, "STAGES": stages, "PINGPONG": pingpong, "CONSUMER_REGS": consumer_regs}
+           "KN": "*fp32", "Lq": "i32", "Lk": "i32", "H": "i32", "stride_ob": "i32", "stride_ol": "i32",
+           "qk_scale": "fp32", "D": "constexpr", "BLOCK_N": "constexpr", "STAGES": "constexpr", "NC": "constexpr",
+           "LAZY": "constexpr", "CONSUMER_REGS": "constexpr"}
+    consts = {"D": D, "BLOCK_N": block_n, "STAGES": stages, "NC": consumers, "LAZY": lazy,
+              "CONSUMER_REGS": consumer_regs or _consumer_regs(consumers)}
     src = GluonASTSource(fn=_attn_fwd_ws, signature=sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
@@ -616,6 +644,6 @@ def compile_ws_int8_sm90(block_n: int = 128, stages: int = 4, consumers: int = 3
            "D": "constexpr", "BLOCK_N": "constexpr", "STAGES": "constexpr", "NC": "constexpr",
            "CONSUMER_REGS": "constexpr"}
     consts = {"D": D, "BLOCK_N": block_n, "STAGES": stages, "NC": consumers,
-              "CONSUMER_REGS": consumer_regs or _i8_default_regs(consumers)}
+              "CONSUMER_REGS": consumer_regs or _consumer_regs(consumers)}
     src = GluonASTSource(fn=_attn_fwd_ws_i8u, signature=sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

@@ -30,15 +30,18 @@ pytestmark = pytest.mark.skipif(not HAVE_GLUON, reason="this Triton has no Gluon
 H100_MAX_SHARED = 232448  # bytes of dynamic shared memory one block may use on sm_90
 
 PROBE = r"""
-import json, sys
+import json, re, sys
 from storymem_rt.kernels.attention_gluon import compile_ws_sm90
 out = []
-for bn, st, pp, D in json.loads(sys.argv[1]):
-    k = compile_ws_sm90(block_n=bn, stages=st, pingpong=pp, D=D)
+for bn, st, nc, lazy, D in json.loads(sys.argv[1]):
+    k = compile_ws_sm90(block_n=bn, stages=st, consumers=nc, lazy=lazy, D=D)
     ptx = k.asm["ptx"]
-    out.append(dict(cfg=[bn, st, pp, D], shared=k.metadata.shared, cubin=len(k.asm["cubin"]),
-                    wgmma=ptx.count("wgmma.mma_async"), setmaxnreg=ptx.count("setmaxnreg"),
-                    arrive=ptx.count("mbarrier.arrive.shared"), ex2=ptx.count("ex2.approx")))
+    # (n, A operand from registers?) of every wgmma: Q.K is n = block_n from shared memory, P.V n = D
+    # with P from registers
+    mma = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16\.f32\.bf16\.bf16\s*\{[^}]*\},\s*(\{?)", ptx)
+    out.append(dict(cfg=[bn, st, nc, lazy, D], shared=k.metadata.shared, cubin=len(k.asm["cubin"]),
+                    mma=[f"n{n}.{'regs' if r else 'smem'}" for n, r in mma], setmaxnreg=ptx.count("setmaxnreg"),
+                    ex2=ptx.count("ex2.approx"), sqrt=ptx.count("sqrt."), setp=ptx.count("setp.")))
 print(json.dumps(out))
 """
 
@@ -52,22 +55,28 @@ def _compile(cfgs):
 
 
 def test_ws_kernel_compiles_for_sm90_and_is_warp_specialized():
-    res = _compile([[128, 3, True, 128], [128, 3, False, 128], [128, 3, True, 64]])
+    res = _compile([[64, 4, 3, 64, 128], [64, 4, 3, 0, 128], [128, 3, 2, 64, 128], [128, 3, 2, 0, 64]])
     for cfg, d in res.items():
+        bn, st, nc, lazy, D = cfg
         assert d["cubin"] > 0, cfg
         assert d["shared"] <= H100_MAX_SHARED, (cfg, d["shared"])
+        # the ring of K/V stages and every consumer's Q tile are all there
+        assert d["shared"] >= (2 * st * bn + nc * 64) * D * 2, (cfg, d["shared"])
         # setmaxnreg only appears when the partitions were split off with their own register budgets
         assert d["setmaxnreg"] >= 2, (cfg, d)
-        # two consumers, each issuing Q.K twice (block 0, loop) at D/16 wgmmas and P.V twice (loop, last
-        # block) at block_n/16
-        bn, D = cfg[0], cfg[3]
-        assert d["wgmma"] == 2 * (2 * D // 16 + 2 * bn // 16), (cfg, d)
+        # Q.K (D/16 wgmmas, both operands in shared memory) and P.V (block_n/16, P from registers)
+        # come in whole groups: Q.K at block 0, in each loop body (the exact one, and the lazy one
+        # if any) and at the peeled last block; P.V in each loop body, the peeled block and after it.
+        # Triton 3.6 emits every consumer's copy, 3.8 shares some: at least two consumers' worth.
+        qk, pv = d["mma"].count(f"n{bn}.smem"), d["mma"].count(f"n{D}.regs")
+        assert qk + pv == len(d["mma"]), d
+        groups = 4 if lazy else 3
+        assert qk % (D // 16) == 0 and pv % (bn // 16) == 0, d
+        assert 2 * groups <= qk // (D // 16) <= nc * groups and 2 * groups <= pv // (bn // 16) <= nc * groups, d
         assert d["ex2"] > 0
-    pp, no_pp = res[(128, 3, True, 128)], res[(128, 3, False, 128)]
-    # ping-pong adds the turn hand-overs: one arrive per MMA issue group in each consumer
-    assert pp["arrive"] > no_pp["arrive"], (pp, no_pp)
-    # the default config uses the ring the device sweep chose (3 stages of 128 keys) and fits
-    assert pp["shared"] > 3 * 2 * 128 * 128 * 2
+    lazy, exact = res[(64, 4, 3, 64, 128)], res[(64, 4, 3, 0, 128)]
+    # the lazy rescale's guard: Q's row norms (a square root per row)
+    assert lazy["sqrt"] > 0 and exact["sqrt"] == 0, (lazy, exact)
 
 
 def test_flash_attention_routes_bf16_and_int8_int8_cuda_calls_to_gluon(monkeypatch):
