@@ -66,6 +66,7 @@ class BenchArgs:
     fast_accum: bool = True
     ops: str = "auto"  # FastOptions.ops
     profile: bool = False  # print the top CUDA kernels of one forward of each timed fast path
+    gelu_epilogue: bool = True  # bf16: the FFN's GELU in cuBLASLt's GEMM epilogue
     memory_plan: bool = True
     full_shot: bool = False
     steps: int = 40
@@ -464,7 +465,7 @@ def run(args: BenchArgs) -> dict:
 
 
 def _kw(args: BenchArgs) -> dict:
-    return {"fast_accum": args.fast_accum, "ops": args.ops}
+    return {"fast_accum": args.fast_accum, "ops": args.ops, "gelu_epilogue": args.gelu_epilogue}
 
 
 def _stage(rep: Report, name: str, fn) -> None:
@@ -497,15 +498,19 @@ def _forward_row(rep: Report, name: str, model, inp: Inputs, args: BenchArgs, re
     return out
 
 
-def profile_forward(fn, name: str, rows: int = 18) -> None:
-    """CUDA time per kernel of one call (torch.profiler), top `rows`."""
+def profile_forward(fn, name: str, rows: int = 32) -> None:
+    """CUDA time per kernel of one call (torch.profiler), top `rows`; then the host-side ops
+    (aten, Inductor's graphs) with their input shapes, by the CUDA time under them."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         fn()
         _sync()
     print(f"[profile] {name}")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70))
+    print(f"[profile] {name}: host ops by input shape")
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="cuda_time_total", row_limit=rows,
+                                                             max_name_column_width=50, max_shapes_column_width=90))
 
 
 def _bench_diffusers(model, sl: Inputs, inp: Inputs, rep: Report, args: BenchArgs) -> None:
@@ -646,6 +651,10 @@ def _finish(rep: Report, args: BenchArgs) -> dict:
             r["x_reference_issue"] = REFERENCE_S / r["s"]
             r["x_diffusers"] = _ratio(r["s"], d_eager)
             r["x_diffusers_compiled"] = _ratio(r["s"], d_comp)
+    from .fast import _ATTENTION_PLAN, ATTENTION_TIMES
+
+    rep.info["attention_auto"] = {f"q {list(k[0])} k {list(k[1])}": {"chosen": v, "ms": ATTENTION_TIMES.get(k, {})}
+                                  for k, v in _ATTENTION_PLAN.items()}
     result = {"info": rep.info, "checks": rep.checks, "rows": rep.rows}
     path = args.json_path or (os.path.join(os.environ["OUT"], "bench.json") if os.environ.get("OUT") else None)
     if path:
@@ -666,6 +675,9 @@ def print_table(result: dict) -> None:
     print(f"A14B i2v expert, {info['layers']} layers, random weights; {info['size']} x {info['frame_num']} frames, "
           f"{info['memory_frames']} memory frames -> {info['tokens']} tokens; median of {info['repeats']}")
     print("correctness (rel. err.): " + ", ".join(f"{k} {v:.2e}" for k, v in checks.items()))
+    for shape, a in info.get("attention_auto", {}).items():
+        print(f"attention auto, {shape}: {a['chosen']} ("
+              + ", ".join(f"{k} {v:.2f} ms" for k, v in a["ms"].items()) + ")")
     hdr = f"| {'what':<68} | {'s':>7} | {'first s':>7} | {'x ref 7.82*':>11} | {'x diffusers':>11} | " \
           f"{'x diff. compiled':>16} | {'rel err vs bf16':>15} | {'peak GB':>7} |"
     print(hdr)

@@ -435,6 +435,8 @@ def _print_summary(out_dir: Path, manifest: dict) -> None:
               help="FP8 GEMMs with Hopper's fast accumulation.")
 @click.option("--ops", type=click.Choice(["auto", "kernels", "torch"]), default="auto", show_default=True,
               help="Fused kernels or plain torch for norms/RoPE/residuals (auto: kernels eager, torch compiled).")
+@click.option("--gelu-epilogue/--no-gelu-epilogue", default=True, show_default=True,
+              help="bf16: the FFN's GELU in cuBLASLt's GEMM epilogue instead of a separate kernel.")
 @click.option("--memory-plan/--no-memory-plan", default=True, show_default=True,
               help="Both FP8 experts + VAE resident: peak memory, VAE decode time.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -444,8 +446,8 @@ def _print_summary(out_dir: Path, manifest: dict) -> None:
 @click.option("--profile", is_flag=True, help="Print the top CUDA kernels of one forward of each fast path.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def bench(precision, memory_frames, size, frame_num, layers, repeats, peer, full_shot, steps, baseline, eager,
-          compile_, cuda_graph, fp8_attention, cfg_modes, fast_accum, ops, memory_plan, json_path, time_budget,
-          profile, seed) -> None:
+          compile_, cuda_graph, fp8_attention, cfg_modes, fast_accum, ops, gelu_epilogue, memory_plan, json_path,
+          time_budget, profile, seed) -> None:
     """Time the fast path on a real-size A14B expert (random weights made on the GPU) against
     float32 for correctness and diffusers for speed; prints one table, writes JSON."""
     from .bench import BenchArgs, run
@@ -457,7 +459,7 @@ def bench(precision, memory_frames, size, frame_num, layers, repeats, peer, full
                      cuda_graph=cuda_graph, fp8_attention=tuple(fp8_attention), cfg=tuple(cfg_modes),
                      fast_accum=fast_accum, ops=ops, memory_plan=memory_plan, full_shot=full_shot, steps=steps, seed=seed,
                      json_path=None if json_path is None else str(json_path), time_budget_s=time_budget,
-                     profile=profile)
+                     profile=profile, gelu_epilogue=gelu_epilogue)
     try:
         run(args)
     except RuntimeError as e:

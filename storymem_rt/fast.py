@@ -91,6 +91,9 @@ class FastOptions:
     compile: bool = False  # regional torch.compile of the repeated block
     cache_text: bool = True  # cross-attention K/V once per text (per shot), not per step
     fast_accum: bool = True  # FP8 GEMMs with Hopper's fast accumulation (docs/PERF.md: ~5% faster, same error)
+    # bf16/fp16 on CUDA: the FFN's GELU (tanh) in cuBLASLt's GEMM epilogue, on the fp32 accumulator
+    # (bench/gelu_epilogue.py: 9.44 vs 10.14 ms per layer, error vs float32 1.7e-3 vs 2.6e-3)
+    gelu_epilogue: bool = True
 
     def __post_init__(self):
         for name, value, allowed in (("precision", self.precision, tuple(PRECISIONS)),
@@ -278,6 +281,7 @@ class FastBlock(WanBlock):
 
     _fast_dtype: torch.dtype
     _fast_eps: float
+    _fast_gelu_epilogue: bool = False
 
     def forward(self, x: Tensor, e6: Tensor, text_kv: tuple[Tensor, Tensor], rope: tuple,
                 attn_self: str, attn_cross: str, ops: str) -> Tensor:
@@ -306,7 +310,16 @@ class FastBlock(WanBlock):
         x = x + ca.o(o.flatten(2)).float()  # upstream: no gate on cross-attention
 
         h = _modulate(x, shift_ff, scale_ff, eps, dt, ops)
-        return _gated_add(x, self.ffn[2](F.gelu(self.ffn[0](h), approximate="tanh")), gate_ff, ops)
+        return _gated_add(x, self.ffn[2](self._ffn_in(h)), gate_ff, ops)
+
+    def _ffn_in(self, h: Tensor) -> Tensor:
+        """gelu_tanh(ffn[0](h)); on CUDA in bf16/fp16 with the GELU in the GEMM's epilogue (cuBLASLt's
+        GELU is the tanh form; on the CPU `_addmm_activation` would use erf, so not there)."""
+        f0 = self.ffn[0]
+        if self._fast_gelu_epilogue and h.is_cuda and isinstance(f0, nn.Linear) and f0.bias is not None:
+            return torch._addmm_activation(f0.bias, h.flatten(0, 1), f0.weight.t(), use_gelu=True).unflatten(
+                0, h.shape[:2])
+        return F.gelu(f0(h), approximate="tanh")
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,6 +350,9 @@ def _rope_tables(pos: Tensor, h: int, w: int, head_dim: int, device):
 _ATTENTION_PLAN: dict[tuple, str] = {}  # (choice, shapes, device) -> impl; timed once per process
 
 
+ATTENTION_TIMES: dict[tuple, dict[str, float]] = {}  # what "auto" measured (ms) per shape, for reports
+
+
 def resolve_attention(choice: str, q_shape: tuple, k_shape: tuple, dtype: torch.dtype, device) -> str:
     """The attention implementation for one shape. "auto" on a CUDA bf16 model: cuDNN and our
     Triton kernel are timed once on random data of this shape and the faster is kept."""
@@ -358,6 +374,7 @@ def resolve_attention(choice: str, q_shape: tuple, k_shape: tuple, dtype: torch.
             except Exception as e:  # no Hopper, old Triton, cuDNN refuses the layout: not a candidate
                 log.info("attention %s unavailable for %s: %s", impl, q_shape, e)
         _ATTENTION_PLAN[key] = min(times, key=times.get) if times else "sdpa"
+        ATTENTION_TIMES[key] = times
         log.info("attention %s x %s: %s -> %s", q_shape, k_shape,
                  {k_: round(t, 3) for k_, t in times.items()}, _ATTENTION_PLAN[key])
     return _ATTENTION_PLAN[key]
@@ -490,6 +507,7 @@ def prepare_fast(model: WanDiT, precision: str = "bf16", attention: str = "auto"
                 layer.fast_accum = opts.fast_accum
         blk.__class__ = FastBlock
         blk._fast_dtype, blk._fast_eps = cdt, blk.norm1.eps
+        blk._fast_gelu_epilogue = opts.gelu_epilogue and cdt in (torch.bfloat16, torch.float16)
     # Everything else follows WanDiT's precision policy in the compute dtype.
     for name, p in model.named_parameters():
         if p.dtype != FP8_DTYPE and not name.endswith("weight_scale"):
