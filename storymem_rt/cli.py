@@ -293,12 +293,17 @@ def _explicit(ctx: click.Context, name: str) -> bool:
 @click.option("--compile/--no-compile", "fast_compile", default=False, show_default=True,
               help="With --fast: regional torch.compile of the repeated block (minutes of compilation "
                    "the first time, then ~2%% (bf16) to 20%% (fp8) faster per step on H100).")
+@click.option("--attention", type=click.Choice(["auto", "cudnn", "triton", "int8-int8", "int8-fp8"]),
+              default="auto", show_default=True,
+              help="With --fast bf16/fp8: the DiT's self-attention. auto: the faster of cuDNN and our bf16 kernel "
+                   "for the shape (bf16 math). int8-int8: our 8-bit kernel (rel. err. ~1.6e-2 per call on random "
+                   "data; the FP8 forward ~10%% faster at A14B size on H100, docs/PERF.md); int8-fp8: ~3.6e-2.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @plan_options
 def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model, lora, lora_rank, size,
            frame_num, sample_steps, sample_solver, sample_guide_scale, max_memory_size, fix, no_quality_filter,
            clip_weights, reference_mi2v_bug, device, dtype, offload, engines_dir, precision, fast, fast_compile,
-           no_progress, plan: PlanSettings) -> None:
+           attention, no_progress, plan: PlanSettings) -> None:
     """Render STORY into one video, shot by shot, in this process."""
     ctx = click.get_current_context()
     s = load_story(story)
@@ -369,8 +374,13 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
     if fast == "auto":
         fast = "bf16" if dev.type == "cuda" else "off"
     fast = None if fast == "off" else ("fp32" if fast == "bf16" and dt == "float32" else fast)
+    if attention != "auto" and fast not in ("bf16", "fp8"):
+        raise click.BadParameter(f"{attention} attention runs in the fast backend in bf16: add --fast bf16 or "
+                                 f"--fast fp8 (with --dtype bfloat16), or leave --attention auto; the fast backend "
+                                 f"here is {fast or 'off'}", param_hint="--attention")
     if fast is not None:
-        identity = json.dumps({"weights": identity, "fast": fast})
+        identity = json.dumps({"weights": identity, "fast": fast} | ({"attention": attention}
+                                                                      if attention != "auto" else {}))
     try:
         settings = RenderSettings(
             plan=plan, size=w_h, frame_num=frame_num, sample_steps=sample_steps, solver=sample_solver,
@@ -381,7 +391,8 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
         raise click.UsageError(str(e)) from None
     model_set = ModelSet(paths, device=dev, dtype=getattr(torch, dt), lora_rank=lora_rank,
                          text_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
-                         resident=not offload, engines=engines, fast=fast, fast_compile=fast_compile)
+                         resident=not offload, engines=engines, fast=fast, fast_compile=fast_compile,
+                         fast_attention=attention)
     clip = random_clip(seed=0, device=dev) if tiny and clip_weights is None else load_clip(clip_weights, device=dev)
     selector = KeyframeSelector(clip, default_quality_scorer(not no_quality_filter, device=dev),
                                 max_keyframes=settings.max_keyframes, device=dev)

@@ -105,7 +105,7 @@ class ModelSet:
 
     def __init__(self, paths: ModelPaths, device="cpu", dtype=torch.float32, lora_rank: int | None = None,
                  lora_alpha: float | None = None, text_dtype=None, vae_dtype=torch.float32, resident: bool = True,
-                 engines=None, fast: str | None = None, fast_compile: bool = False):
+                 engines=None, fast: str | None = None, fast_compile: bool = False, fast_attention: str = "auto"):
         self.paths = paths
         self.device = torch.device(device)
         self.dtype = dtype
@@ -120,6 +120,7 @@ class ModelSet:
         # storymem_rt.fast precision ("bf16" / "fp8" / "fp32") or None: the plain WanDiT.
         self.fast = fast
         self.fast_compile = fast_compile
+        self.fast_attention = fast_attention  # the fast backend's self-attention (fast.SELF_ATTENTION)
         self._experts: dict[str, dict] = {}
         self._text = None
         self._vae = None
@@ -183,7 +184,8 @@ class ModelSet:
         if self.fast is not None:
             from .fast import prepare_fast
 
-            out = {e: m if not hasattr(m, "blocks") else prepare_fast(m, self.fast, compile=self.fast_compile)
+            out = {e: m if not hasattr(m, "blocks") else prepare_fast(m, self.fast, self.fast_attention,
+                                                                       compile=self.fast_compile)
                    for e, m in out.items()}
         self._experts[kind] = out
         return out

@@ -36,3 +36,22 @@ def test_fast_shots_equal_plain_shots(storymem_cache):
         a, b = _shot(fast, mode), _shot(plain, mode)
         assert rel_err(a, b) < 1e-5, mode
     assert all(type(m).__name__ == "FastWanDiT" for m in fast.experts("m2v").values())
+
+
+def test_render_attention_option_reaches_the_fast_model_and_needs_a_bf16_fast_backend(storymem_cache, tmp_path):
+    from click.testing import CliRunner
+
+    from storymem_rt.cli import main
+    from storymem_rt.tiny import ensure_tiny_models
+
+    paths = ModelPaths.from_models_dir(ensure_tiny_models())
+    ms = ModelSet(paths, fast="fp32", fast_attention="sdpa")
+    assert {m._fast.options.attention for m in ms.experts("t2v").values()} == {"sdpa"}
+    # on the CPU --fast auto is off (and float32 makes bf16 fp32): the 8-bit kernel has no model to run in
+    for extra in ([], ["--fast", "bf16"]):
+        out = tmp_path / f"x{len(extra)}"
+        r = CliRunner().invoke(main, ["render", "story/harbor_morning.json", "--attention", "int8-int8",
+                                      "--out", str(out), "--no-progress", *extra])
+        assert r.exit_code == 2, r.output
+        assert "--attention" in r.output and "--fast bf16" in r.output, r.output
+        assert not out.exists()
