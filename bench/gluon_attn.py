@@ -55,7 +55,7 @@ def main():
         if cfg[0] == "i8":
             regs = int(cfg[4]) if len(cfg) > 4 and int(cfg[4]) else None
             return flash_attention_ws_int8(q, k, v, block_n=int(cfg[1]), stages=int(cfg[2]), consumers=int(cfg[3]),
-                                           consumer_regs=regs, **({"guard": int(cfg[5])} if len(cfg) > 5 else {}))
+                                           consumer_regs=regs)
         return flash_attention_ws(q, k, v, block_n=int(cfg[1]), stages=int(cfg[2]), consumers=int(cfg[3]),
                                   lazy=int(cfg[4]))
 

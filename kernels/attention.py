@@ -287,11 +287,8 @@ def _round_to_int8(x):
 
 @jit
 def _quant_qk_kernel(X, XM, O, S, L, H, n_blk, stride_xb, stride_xl,
-                     D: tl.constexpr, BLOCK: tl.constexpr, PER_TOKEN: tl.constexpr, SMOOTH: tl.constexpr,
-                     KN=None, NORM: tl.constexpr = False):
-    """X [B, L, H, D] -> O int8 [B, L, H, D]; S [B, L, H] (PER_TOKEN) or [B, H, n_blk] (per block).
-    NORM (per block): KN [B, H, n_blk] gets an upper bound on the norm of every dequantized row of the
-    block, max |x| + sqrt(D) * scale / 2 (the rounding moves each element by at most scale / 2)."""
+                     D: tl.constexpr, BLOCK: tl.constexpr, PER_TOKEN: tl.constexpr, SMOOTH: tl.constexpr):
+    """X [B, L, H, D] -> O int8 [B, L, H, D]; S [B, L, H] (PER_TOKEN) or [B, H, n_blk] (per block)."""
     pid_t = tl.program_id(0)
     bh = tl.program_id(1)
     b, h, offs, offs_d, rm, x = _load_token_block(X, L, H, stride_xb, stride_xl, pid_t, bh, D, BLOCK)
@@ -304,9 +301,6 @@ def _quant_qk_kernel(X, XM, O, S, L, H, n_blk, stride_xb, stride_xl,
     else:
         scale = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-12) / 127.0
         tl.store(S + bh * n_blk + pid_t, scale)
-        if NORM:
-            rn = tl.max(tl.sqrt(tl.sum(x * x, axis=1)), axis=0)
-            tl.store(KN + bh * n_blk + pid_t, rn + 0.5 * scale * tl.sqrt(float(D)))
         v = x / scale
     tl.store(O + (b.to(tl.int64) * L + offs[:, None]) * (H * D) + h * D + offs_d[None, :], _round_to_int8(v),
              mask=rm)
@@ -389,12 +383,11 @@ def _desc(t: torch.Tensor, block: list[int]):
 
 
 def quantize_qkv(q, k, v, mode: str, k_block: int = K_BLOCK, block: int = 128, v_block: int = 128,
-                 perm32: bool = False, unsigned_v: bool = False, k_norms: bool = False):
+                 perm32: bool = False, unsigned_v: bool = False):
     """Device-side quantization for modes 1-3 (see module docstring). Returns the kernel's inputs;
     `v_block` is the kernel's block_n (mode 3's column sums of V are per key block); `perm32` stores
     V's keys in the Gluon int8 kernel's order (`_quant_v_kernel`); `unsigned_v` (mode 3) stores V + 128
-    as uint8 and returns no VADD (the Gluon kernel's unsigned P.V). `k_norms`: one more element, per
-    key block [B, H, n_kblk] an upper bound on the norms of its dequantized (smoothed) keys."""
+    as uint8 and returns no VADD (the Gluon kernel's unsigned P.V)."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     dev = q.device
@@ -412,12 +405,11 @@ def quantize_qkv(q, k, v, mode: str, k_block: int = K_BLOCK, block: int = 128, v
     k_mean = (part[0].sum(0) / Lk).view(B, H, D)
     _quant_qk_kernel[(triton.cdiv(Lq, block), B * H)](
         q, q, q8, qs, Lq, H, 1, q.stride(0), q.stride(1), D=D, BLOCK=block, PER_TOKEN=True, SMOOTH=False)
-    kn = torch.empty((B, H, n_kblk), dtype=torch.float32, device=dev) if k_norms else None
     _quant_qk_kernel[(n_kblk, B * H)](
         k, k_mean, k8, ks, Lk, H, n_kblk, k.stride(0), k.stride(1), D=D, BLOCK=k_block,
-        PER_TOKEN=False, SMOOTH=True, KN=kn, NORM=k_norms)
+        PER_TOKEN=False, SMOOTH=True)
     if mode == "int8":
-        return (q8, qs, k8, ks, v, None, None, None) + ((kn,) if k_norms else ())
+        return q8, qs, k8, ks, v, None, None, None
     int8 = mode == "int8-int8"
     if int8:
         block = v_block  # VADD's blocks are the kernel's key blocks
@@ -441,8 +433,6 @@ def quantize_qkv(q, k, v, mode: str, k_block: int = K_BLOCK, block: int = 128, v
     # random size after smoothing, 2.5e-4 of |v| at L = 48k) adds to every output row coherently,
     # while the output itself shrinks like 1/sqrt(L). Taking it off the shift costs nothing.
     v_shift = (v_mean - err.sum(0) * v_scale / Lk).contiguous()
-    if k_norms:
-        return q8, qs, k8, ks, vt, v_scale, v_shift, vadd, kn
     return q8, qs, k8, ks, vt, v_scale, v_shift, vadd
 
 

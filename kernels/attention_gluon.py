@@ -300,7 +300,11 @@ if HAVE_GLUON:
         x = gl.reshape(x, [BM, BLOCK_N])
         return gl.convert_layout(x, p_layout, assert_trivial=True)
 
-    K0 = gl.constexpr(16.0)  # 2^K0 lifts pv * 2^-149 toward the normal range; headroom 2^(127 - K0) for a rising max
+    # 2^K0 lifts pv * 2^-149 toward the normal range. Headroom for a row max rising by d log2 units within
+    # RESCALE blocks: l gains up to n_blk * 2^15 * 2^(d + K0), finite for d < ~97 - log2(n_blk) - K0 + 16,
+    # i.e. ~88 at n_blk = 378 (61 natural units of logit); not guarded at run time (kernels/NOTES.md,
+    # session 6: a guard like the bf16 kernel's cost 4-6%)
+    K0 = gl.constexpr(16.0)
     RESCALE = gl.constexpr(16)  # blocks between moves of the reference max
 
     @gluon.jit
@@ -317,11 +321,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _i8u_block(j, q_op, k_smem, v_smem, k_full, v_full, kv_empty, acc, l_i, m_ref, m_run, rfac, ks_ptr, kb_per,
-                   Lk, MASK: gl.constexpr, FIRST: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr,
-                   EXACT: gl.constexpr = False):
+                   Lk, MASK: gl.constexpr, FIRST: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr):
         """Key block j, start to end, in one consumer warpgroup; FIRST: block 0, whose row max becomes
-        the reference max. EXACT: the reference max moves to the running max here, before the update
-        (O and l rescaled), so the block's weight is at most 2^K0 whatever its max."""
+        the reference max."""
         STAGES: gl.constexpr = k_smem.shape[0]
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         BM: gl.constexpr = acc.shape[0]
@@ -350,10 +352,6 @@ if HAVE_GLUON:
             m_run = m_blk
         else:
             m_run = gl.maximum(m_run, m_blk)
-        if EXACT:
-            alpha = gl.exp2(m_ref - m_run)
-            m_ref = m_run
-            l_i = l_i * alpha
         p = gl.exp2(sf * gl.expand_dims(fac, 1) - gl.expand_dims(base + m_blk, 1))
         # the float 255 p + 1.5 * 2^23 holds round(255 p) + 1.5 * 2^23 exactly: its low byte is P
         pb = (p * 255.0 + 12582912.0).to(gl.int32, bitcast=True)
@@ -365,31 +363,12 @@ if HAVE_GLUON:
         pv = warpgroup_mma(pn, v_smem.index(slot).permute((1, 0)), pv, use_acc=False, is_async=True)
         pv = warpgroup_mma_wait(0, deps=[pv])
         mbarrier.arrive(kv_empty.index(slot))
-        if EXACT:
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
         acc = acc + pv.to(gl.float32, bitcast=True) * gl.expand_dims(gl.convert_layout(w, orow_l), 1)
         return acc, l_i, m_ref, m_run
 
     @gluon.jit
-    def _i8u_windows(q_op, k_smem, v_smem, k_full, v_full, kv_empty, acc, l_i, m_ref, m_run, rfac, ks_ptr, kb_per,
-                     Lk, n_blk, s_layout: gl.constexpr, p_layout: gl.constexpr):
-        """Blocks 1 .. n_blk - 2 against a reference max moved to the running max every RESCALE blocks."""
-        orow_l: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
-        for j0 in range(1, n_blk - 1, RESCALE):
-            for j in range(j0, gl.minimum(j0 + RESCALE, n_blk - 1)):
-                acc, l_i, m_ref, m_run = _i8u_block(j, q_op, k_smem, v_smem, k_full, v_full, kv_empty, acc, l_i,
-                                                    m_ref, m_run, rfac, ks_ptr, kb_per, Lk, False, False, s_layout,
-                                                    p_layout)
-            alpha = gl.exp2(m_ref - m_run)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
-            l_i = l_i * alpha
-            m_ref = m_run
-        return acc, l_i, m_ref, m_run
-
-    @gluon.jit
-    def _i8u_consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM, KN, q_row0, Lq,
-                      Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, GUARD: gl.constexpr,
-                      C: gl.constexpr):
+    def _i8u_consumer(q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM, q_row0, Lq,
+                      Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C: gl.constexpr):
         """Consumer warpgroup C: query rows q_row0 + 64 C + [0, 64)."""
         BM: gl.constexpr = 64
         BLOCK_N: gl.constexpr = k_smem.shape[1]
@@ -409,11 +388,6 @@ if HAVE_GLUON:
         ks_ptr = KS + bh * n_kblk
         q_op = q_smem.index(C)
         mbarrier.wait(q_bar.index(C), 0)
-        # |s| <= |q| max|k| (Cauchy-Schwarz, dequantized): a bound on every logit of a row, from the Q tile
-        # in shared memory and the head's largest key-norm bound (KN, from the quantizer)
-        q_l: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
-        qf = q_op.load(q_l).to(gl.float32)
-        bound = gl.convert_layout(gl.sqrt(gl.sum(qf * qf, 1)), row_l) * rfac * gl.load(KN + bh) * 1.001 + 1.0
         acc = gl.zeros([BM, D], gl.float32, o_layout)
         l_i = gl.zeros([BM], gl.float32, row_l)
         m_ref = gl.zeros([BM], gl.float32, row_l)
@@ -421,46 +395,20 @@ if HAVE_GLUON:
         # block 0 (masked: it may be the only one) sets the reference max
         acc, l_i, m_ref, m_run = _i8u_block(0, q_op, k_smem, v_smem, k_full, v_full, kv_empty, acc, l_i, m_ref,
                                             m_run, rfac, ks_ptr, kb_per, Lk, True, True, s_layout, p_layout)
-        if GUARD == 1:
-            for j0 in range(1, n_blk - 1, RESCALE):
-                j1 = gl.minimum(j0 + RESCALE, n_blk - 1)
-                # the block weights 2^(m_j - m_ref + K0) stay below 2^(64 + K0) through the window if
-                # every row's bound is within 64 of its reference max (l and O then stay far from fp32's
-                # range); otherwise the window moves the reference max at every block
-                if gl.max(bound - m_ref, 0) <= 64.0:
-                    for j in range(j0, j1):
-                        acc, l_i, m_ref, m_run = _i8u_block(j, q_op, k_smem, v_smem, k_full, v_full, kv_empty,
-                                                            acc, l_i, m_ref, m_run, rfac, ks_ptr, kb_per, Lk, False,
-                                                            False, s_layout, p_layout)
-                    alpha = gl.exp2(m_ref - m_run)
-                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
-                    l_i = l_i * alpha
-                    m_ref = m_run
-                else:
-                    for j in range(j0, j1):
-                        acc, l_i, m_ref, m_run = _i8u_block(j, q_op, k_smem, v_smem, k_full, v_full, kv_empty,
-                                                            acc, l_i, m_ref, m_run, rfac, ks_ptr, kb_per, Lk, False,
-                                                            False, s_layout, p_layout, True)
-        elif GUARD == 2:
-            # one check after block 0: m_ref only rises, so a row within the bound's 64 stays within it
-            if gl.max(bound - m_ref, 0) > 64.0:
-                for j in range(1, n_blk - 1):
-                    acc, l_i, m_ref, m_run = _i8u_block(j, q_op, k_smem, v_smem, k_full, v_full, kv_empty, acc,
-                                                        l_i, m_ref, m_run, rfac, ks_ptr, kb_per, Lk, False, False,
-                                                        s_layout, p_layout, True)
-            else:
-                acc, l_i, m_ref, m_run = _i8u_windows(q_op, k_smem, v_smem, k_full, v_full, kv_empty, acc, l_i,
-                                                      m_ref, m_run, rfac, ks_ptr, kb_per, Lk, n_blk, s_layout,
-                                                      p_layout)
-        else:
-            acc, l_i, m_ref, m_run = _i8u_windows(q_op, k_smem, v_smem, k_full, v_full, kv_empty, acc, l_i, m_ref,
-                                                  m_run, rfac, ks_ptr, kb_per, Lk, n_blk, s_layout, p_layout)
-        # only the last block can reach past Lk: the key mask (a compare and a select per score) there; it
-        # moves the reference max itself (no window check guards it)
+        for j0 in range(1, n_blk - 1, RESCALE):
+            for j in range(j0, gl.minimum(j0 + RESCALE, n_blk - 1)):
+                acc, l_i, m_ref, m_run = _i8u_block(j, q_op, k_smem, v_smem, k_full, v_full, kv_empty, acc, l_i,
+                                                    m_ref, m_run, rfac, ks_ptr, kb_per, Lk, False, False, s_layout,
+                                                    p_layout)
+            alpha = gl.exp2(m_ref - m_run)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
+            l_i = l_i * alpha
+            m_ref = m_run
+        # only the last block can reach past Lk: the key mask (a compare and a select per score) there
         if n_blk > 1:
             acc, l_i, m_ref, m_run = _i8u_block(n_blk - 1, q_op, k_smem, v_smem, k_full, v_full, kv_empty, acc, l_i,
                                                 m_ref, m_run, rfac, ks_ptr, kb_per, Lk, True, False, s_layout,
-                                                p_layout, True)
+                                                p_layout)
         offs_d = gl.arange(0, D, layout=col_l)
         # acc / l is 2^-149 (the mean of V + 128 under the quantized P): 2^149 = 2^127 * 2^22
         inv = (1.7014118346046923e38 / gl.convert_layout(l_i, orow_l)) * 4194304.0
@@ -472,9 +420,9 @@ if HAVE_GLUON:
         gl.store(o_ptr, o.to(gl.bfloat16), mask=gl.expand_dims(offs_m < Lq, 1))
 
     @gluon.jit
-    def _attn_fwd_ws_i8u(desc_q, desc_k, desc_v, O, QS, KS, VS, VM, KN, Lq, Lk, H, n_kblk, stride_ob, stride_ol,
+    def _attn_fwd_ws_i8u(desc_q, desc_k, desc_v, O, QS, KS, VS, VM, Lq, Lk, H, n_kblk, stride_ob, stride_ol,
                          qk_scale, kb_per, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                         NC: gl.constexpr, CONSUMER_REGS: gl.constexpr, GUARD: gl.constexpr = 1):
+                         NC: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         """int8-int8: 64 NC query rows per program, NC (2 or 3) consumer warpgroups and a loader warp;
         V comes transposed ([B*H*D, Lp] uint8, keys relabelled within each 32)."""
         pid_m = gl.program_id(0)
@@ -506,19 +454,19 @@ if HAVE_GLUON:
         C2: gl.constexpr = 2
         if NC == 3:
             gl.warp_specialize([
-                (_i8u_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM, KN,
-                                 q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, GUARD, C0)),
-                (_i8u_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM, KN,
-                                 q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, GUARD, C1)),
-                (_i8u_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM, KN,
-                                 q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, GUARD, C2)),
+                (_i8u_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
+                                 q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C0)),
+                (_i8u_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
+                                 q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C1)),
+                (_i8u_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
+                                 q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C2)),
                 (_i8u_loader, largs)], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
         else:
             gl.warp_specialize([
-                (_i8u_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM, KN,
-                                 q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, GUARD, C0)),
-                (_i8u_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM, KN,
-                                 q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, GUARD, C1)),
+                (_i8u_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
+                                 q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C0)),
+                (_i8u_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, O, QS, KS, VS, VM,
+                                 q_row0, Lq, Lk, n_blk, n_kblk, b, h, H, stride_ob, stride_ol, qk_scale, kb_per, C1)),
                 (_i8u_loader, largs)], [4, 1], [CONSUMER_REGS, 24])
 
     _U8_PV = re.compile(r"(wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32)\.s8\.s8(\s*\{[^}]*\},\s*\{)")
@@ -588,7 +536,7 @@ def flash_attention_ws(q, k, v, scale: float | None = None, block_n: int = 64, s
 
 def flash_attention_ws_int8(q, k, v, scale: float | None = None, block_n: int = 128, stages: int = 4,
                             consumers: int = 3, consumer_regs: int | None = None,
-                            k_block: int = 128, guard: int = 1) -> torch.Tensor:
+                            k_block: int = 128) -> torch.Tensor:
     """Mode "int8-int8" by the warp-specialized Gluon kernel (Hopper only): q [B, Lq, H, D], k, v
     [B, Lk, H, D] bf16 (as `attention._rows2d` returns them) are quantized by `attention.quantize_qkv`
     (V's keys in this kernel's order, as uint8) and attended with INT8 Q.K and unsigned 8-bit P.V.
@@ -615,9 +563,8 @@ def flash_attention_ws_int8(q, k, v, scale: float | None = None, block_n: int = 
     if Lq == 0 or B * H == 0:
         return out
     consumer_regs = consumer_regs or _consumer_regs(consumers)
-    q8, qs, k8, ks, vt, vs, vm, _, kn = quantize_qkv(q, k, v, "int8-int8", k_block, v_block=block_n, perm32=True,
-                                                     unsigned_v=True, k_norms=True)
-    kn = kn.amax(dim=-1).contiguous()  # per (sample, head): the lazy rescale's guard
+    q8, qs, k8, ks, vt, vs, vm, _ = quantize_qkv(q, k, v, "int8-int8", k_block, v_block=block_n, perm32=True,
+                                                 unsigned_v=True)
     dq = _gdesc(q8, [64, D])
     dk = _gdesc(k8, [block_n, D])
     Lp = vt.shape[-1]
@@ -625,10 +572,9 @@ def flash_attention_ws_int8(q, k, v, scale: float | None = None, block_n: int = 
                          gl.NVMMASharedLayout.get_default_for([D, block_n], gl.uint8))
     rows = 64 * consumers
     grid = ((Lq + rows - 1) // rows, B * H)
-    kern = _attn_fwd_ws_i8u[grid](dq, dk, dv, out, qs, ks, vs, vm, kn, Lq, Lk, H, ks.shape[-1], out.stride(0),
+    kern = _attn_fwd_ws_i8u[grid](dq, dk, dv, out, qs, ks, vs, vm, Lq, Lk, H, ks.shape[-1], out.stride(0),
                                   out.stride(1), scale * LOG2E, k_block // block_n, D=D, BLOCK_N=block_n,
-                                  STAGES=stages, NC=consumers, CONSUMER_REGS=consumer_regs, GUARD=guard,
-                                  num_warps=4)
+                                  STAGES=stages, NC=consumers, CONSUMER_REGS=consumer_regs, num_warps=4)
     if id(kern) not in _U8_CHECKED:  # once per compiled kernel: the hook did rewrite it
         if "s32.u8.u8" not in kern.asm["ptx"]:
             raise RuntimeError("the int8-int8 kernel was compiled without its .u8 wgmma (Triton stages hook)")
@@ -697,12 +643,11 @@ def compile_ws_int8_sm90(block_n: int = 128, stages: int = 4, consumers: int = 3
         return f"tensordesc<{ty}{list(block)},{lay!r}>".replace("'", "")
 
     sig = {"desc_q": desc([64, D], "i8"), "desc_k": desc([block_n, D], "i8"), "desc_v": desc([D, block_n], "u8"),
-           "O": "*bf16", "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "VM": "*fp32", "KN": "*fp32", "Lq": "i32",
-           "Lk": "i32", "H": "i32", "n_kblk": "i32", "stride_ob": "i32", "stride_ol": "i32", "qk_scale": "fp32",
-           "kb_per": "i32",
+           "O": "*bf16", "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "VM": "*fp32", "Lq": "i32", "Lk": "i32",
+           "H": "i32", "n_kblk": "i32", "stride_ob": "i32", "stride_ol": "i32", "qk_scale": "fp32", "kb_per": "i32",
            "D": "constexpr", "BLOCK_N": "constexpr", "STAGES": "constexpr", "NC": "constexpr",
-           "CONSUMER_REGS": "constexpr", "GUARD": "constexpr"}
+           "CONSUMER_REGS": "constexpr"}
     consts = {"D": D, "BLOCK_N": block_n, "STAGES": stages, "NC": consumers,
-              "CONSUMER_REGS": consumer_regs or _consumer_regs(consumers), "GUARD": 1}
+              "CONSUMER_REGS": consumer_regs or _consumer_regs(consumers)}
     src = GluonASTSource(fn=_attn_fwd_ws_i8u, signature=sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

@@ -124,20 +124,17 @@ def test_int8_ws_kernels_compile_for_sm90_with_p_from_registers(tmp_path):
         assert d["setmaxnreg"] >= 2, d
         # Q.K (D/32 wgmmas of k = 32, both operands in shared memory, int8) and P.V (block_n/32, P
         # from registers: _relabel_p converts trivially, the compile would fail otherwise) come in
-        # whole groups, one per call site of the block function (first block, the lazy and the exact
-        # loop bodies, masked last block) for at least two consumers (Triton 3.6 emits every consumer's
-        # copy, 3.8 shares some); the P.V ones read both operands as unsigned (the `_u8_pv_hook` rewrite)
+        # whole groups, one per call site of the block function (first block, unmasked loop body,
+        # masked last block) for at least two consumers (Triton 3.6 emits every consumer's copy, 3.8
+        # shares some); the P.V ones read both operands as unsigned (the `_u8_pv_hook` rewrite)
         qk, pv = d["mma"].count("s8.s8.smem"), d["mma"].count("u8.u8.regs")
         assert qk + pv == len(d["mma"]), d  # nothing else: no P.V left signed, no Q.K read as unsigned
         assert qk * (bn // 32) == pv * (128 // 32), d
-        assert 2 * 4 <= qk // 4 <= nc * 4, d
+        assert 2 * 2 <= qk // 4 <= nc * 3, d
         # warpgroups: nc consumers and the loader's
         assert d["threads"] == 128 * (nc + 1), d
         # shuffles only for the row max and sum (2 per row-reduction step): no layout shuffles of P
-        # (4 call sites x 2 reductions x 2 rows x 2 steps), plus the guard's once-per-consumer |q| sum (4
-        # rows x 3 steps) and its per-window max over rows; a P shuffled into the A fragment would add
-        # at least 32 per call site
-        assert d["shfl"] <= nc * (4 * 2 * 2 * 2 + 24) + 8, d
+        assert d["shfl"] <= nc * 3 * 2 * 2 * 2 + 8, d
 
 
 def test_u8_patch_rewrites_only_the_pv_wgmmas_of_the_unsigned_kernel():
@@ -183,27 +180,3 @@ def test_quantizer_stores_v_in_the_gluon_kernels_key_order():
                                                               vt0[..., :L].to(torch.int16) + 128)
     for a, b in zip(uns[:4] + uns[5:7], perm[:4] + perm[5:7]):
         assert torch.equal(a, b)
-
-
-def test_quantizer_bounds_the_norms_of_the_dequantized_keys_per_block():
-    """The int8 kernel's lazy-rescale guard needs, per key block, a bound on |k| of the keys the kernel
-    multiplies (smoothed, quantized): it must hold for every key and be tight (within the rounding)."""
-    from storymem_rt.kernels.attention import quantize_qkv
-
-    g = torch.Generator().manual_seed(1)
-    B, L, H, D = 2, 300, 2, 128
-    q, v = (torch.randn(B, L, H, D, generator=g).bfloat16() for _ in range(2))
-    # keys with a large shared mean (what the smoothing takes off) and rows of very different norms
-    k = (torch.randn(B, L, H, D, generator=g) * torch.linspace(0.1, 3.0, L)[None, :, None, None] + 10.0).bfloat16()
-    out = quantize_qkv(q, k, v, "int8-int8", k_block=128, v_block=32, perm32=True, unsigned_v=True, k_norms=True)
-    assert len(out) == 9 and torch.equal(out[2], quantize_qkv(q, k, v, "int8-int8", k_block=128, v_block=32)[2])
-    k8, ks, kn = out[2], out[3], out[8]
-    n_kblk = kn.shape[-1]
-    assert kn.shape == (B, H, n_kblk) == ks.shape and n_kblk == 3
-    rows = (k8.double() * ks.double().repeat_interleave(128, dim=-1)[..., :L].permute(0, 2, 1)[..., None]).norm(dim=-1)
-    rows = torch.nn.functional.pad(rows, (0, 0, 0, n_kblk * 128 - L)).unflatten(1, (n_kblk, 128)).amax(2)  # [B, n, H]
-    got = kn.double().permute(0, 2, 1)
-    assert (got >= rows).all(), (got - rows).min()
-    assert (got <= rows * 1.06).all(), (got / rows).max()
-    # the smoothing is in the bound: the raw keys' norms (the mean 10 * sqrt(D) = 113 in them) are far larger
-    assert (got.amax() < 0.5 * k.double().norm(dim=-1).amax())
