@@ -301,7 +301,7 @@ if HAVE_GLUON:
         return gl.convert_layout(x, p_layout, assert_trivial=True)
 
     # 2^K0 lifts pv * 2^-149 toward the normal range. Headroom for a row max rising by d log2 units within
-    # RESCALE blocks: l gains up to n_blk * 2^15 * 2^(d + K0), finite for d < ~97 - log2(n_blk) - K0 + 16,
+    # RESCALE blocks: l gains up to n_blk * 2^15 * 2^(d + K0), finite for d < 113 - K0 - log2(n_blk),
     # i.e. ~88 at n_blk = 378 (61 natural units of logit); not guarded at run time (kernels/NOTES.md,
     # session 6: a guard like the bf16 kernel's cost 4-6%)
     K0 = gl.constexpr(16.0)
