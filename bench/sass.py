@@ -68,31 +68,8 @@ def resources(k) -> str:
 LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
-def loops(sass: str):
-    """Every loop (first, last address) closed by a predicated backward branch, largest first."""
-    ins, labels, pending, out = [], {}, [], []
-    for line in sass.splitlines():
-        lab = re.match(r"\s*(\.L_x_\d+):", line)
-        if lab:
-            pending.append(lab.group(1))
-            continue
-        m = LINE.search(line)
-        if m:
-            addr = int(m.group(1), 16)
-            for name in pending:
-                labels[name] = addr
-            pending = []
-            ins.append((addr, m.group(3), line, bool(m.group(2))))
-    for addr, op, line, predicated in ins:
-        tgt = re.search(r"\((\.L_x_\d+)\)", line) if op.startswith("BRA") and predicated else None
-        if tgt and tgt.group(1) in labels and labels[tgt.group(1)] < addr:
-            out.append([i for i in ins if labels[tgt.group(1)] <= i[0] <= addr])
-    return sorted(out, key=len, reverse=True)
-
-
-def hot_loop(sass: str):
-    """Instructions (address, opcode, line, predicated) of the largest loop: the longest predicated
-    backward branch to a label (nvdisasm names branch targets `.L_x_N`); the whole kernel if none."""
+def _instructions(sass: str):
+    """[(address, opcode, line, predicated)] and {label: address} (nvdisasm names branch targets `.L_x_N`)."""
     ins, labels, pending = [], {}, []
     for line in sass.splitlines():
         lab = re.match(r"\s*(\.L_x_\d+):", line)
@@ -106,18 +83,25 @@ def hot_loop(sass: str):
                 labels[name] = addr
             pending = []
             ins.append((addr, m.group(3), line, bool(m.group(2))))
-    best = None
+    return ins, labels
+
+
+def loops(sass: str):
+    """Every loop, as its instructions, largest first. A loop closes with a predicated branch back to a
+    label; the unconditional ones come back from the mbarrier-wait retry stubs at the end of the kernel."""
+    ins, labels = _instructions(sass)
+    out = []
     for addr, op, line, predicated in ins:
-        # a loop closes with a predicated branch back; the unconditional ones come back from the
-        # mbarrier-wait retry stubs at the end of the kernel
         tgt = re.search(r"\((\.L_x_\d+)\)", line) if op.startswith("BRA") and predicated else None
-        if tgt and tgt.group(1) in labels:
-            dst = labels[tgt.group(1)]
-            if dst < addr and (best is None or addr - dst > best[1] - best[0]):
-                best = (dst, addr)
-    if best is None:
-        return ins
-    return [x for x in ins if best[0] <= x[0] <= best[1]]
+        if tgt and tgt.group(1) in labels and labels[tgt.group(1)] < addr:
+            out.append([i for i in ins if labels[tgt.group(1)] <= i[0] <= addr])
+    return sorted(out, key=len, reverse=True)
+
+
+def hot_loop(sass: str):
+    """Instructions (address, opcode, line, predicated) of the largest loop; the whole kernel if none."""
+    found = loops(sass)
+    return found[0] if found else _instructions(sass)[0]
 
 
 def main(argv=None):
