@@ -3,7 +3,8 @@
 # (checks the story engine on CUDA: noise generator, bf16 experts, VAE, keyframes, PyAV).
 # Usage on the device (wheels for av/open_clip/timm/ftfy/wcwidth/regex/diffusers in .whl):
 #   bash bench/gpu_smoke.sh
-# Renders: --fast auto (bf16 fast path) with --mi2v, --fast fp8 with --mm2v, --fast off (plain).
+# Renders: --fast auto (bf16 fast path) with --mi2v, --fast fp8 with --mm2v, --fast off (plain),
+# --fast fp8 --attention int8-int8 with --mi2v.
 set -euo pipefail
 R=$PWD
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -15,12 +16,15 @@ run() { python3 -P -c "from storymem_rt.cli import main; main()" "$@"; }
 run render "$R/story/harbor_morning.json" --mi2v --out /tmp/smoke --no-progress                # --fast auto = bf16
 run render "$R/story/harbor_morning.json" --mm2v --out /tmp/smoke-mm2v --no-progress --seed-policy unique --fast fp8
 run render "$R/story/harbor_morning.json" --mi2v --out /tmp/smoke-plain --no-progress --fast off
+run render "$R/story/harbor_morning.json" --mi2v --out /tmp/smoke-i8 --no-progress --fast fp8 --attention int8-int8
 python3 - <<'PY'
 import json, torch
 import safetensors.torch as st
 a = st.load_file("/tmp/smoke/state/memory.safetensors")["latent.0"]
 b = st.load_file("/tmp/smoke-plain/state/memory.safetensors")["latent.0"]
 print("first keyframe latent, fast bf16 vs plain bf16: rel err", float((a - b).norm() / b.norm()))
+c = st.load_file("/tmp/smoke-i8/state/memory.safetensors")["latent.0"]
+print("first keyframe latent, fast fp8 + int8-int8 attention vs plain bf16: rel err", float((c - b).norm() / b.norm()))
 m = json.load(open("/tmp/smoke/render.json"))
 print("device check:", torch.cuda.get_device_name(0), "settings dtype", m["settings"]["dtype"])
 for k, v in m["shots"].items():
