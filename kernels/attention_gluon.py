@@ -82,6 +82,23 @@ if HAVE_GLUON:
         return slot
 
     @gluon.jit
+    def _ring_barriers(NC: gl.constexpr, STAGES: gl.constexpr):
+        """The mbarriers of a loader / NC-consumer program: one per consumer's Q tile, and per ring
+        stage K full, V full and free (every consumer arrives on it)."""
+        q_bar = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
+        k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NC):
+            mbarrier.init(q_bar.index(i), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_full.index(i), count=1)
+            mbarrier.init(v_full.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=NC)
+        fence_async_shared()
+        return q_bar, k_full, v_full, kv_empty
+
+    @gluon.jit
     def _ws_loader(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, q_row, n_blk,
                    kv_row, col):
         """One warp: both consumers' Q tiles, then K/V blocks into the ring as stages free up."""
@@ -221,17 +238,7 @@ if HAVE_GLUON:
         q_smem = gl.allocate_shared_memory(desc_q.dtype, [NC, 64, D], desc_q.layout)
         k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, D], desc_k.layout)
         v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, BLOCK_N, D], desc_v.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
-        k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NC):
-            mbarrier.init(q_bar.index(i), count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_full.index(i), count=1)
-            mbarrier.init(v_full.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=NC)
-        fence_async_shared()
+        q_bar, k_full, v_full, kv_empty = _ring_barriers(NC, STAGES)
         n_blk = gl.cdiv(Lk, BLOCK_N)
         q_row0 = pid_m * (64 * NC)
         largs = (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty, b * Lq + q_row0,
@@ -432,17 +439,7 @@ if HAVE_GLUON:
         q_smem = gl.allocate_shared_memory(desc_q.dtype, [NC, 64, D], desc_q.layout)
         k_smem = gl.allocate_shared_memory(desc_k.dtype, [STAGES, BLOCK_N, D], desc_k.layout)
         v_smem = gl.allocate_shared_memory(desc_v.dtype, [STAGES, D, BLOCK_N], desc_v.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
-        k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NC):
-            mbarrier.init(q_bar.index(i), count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_full.index(i), count=1)
-            mbarrier.init(v_full.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=NC)
-        fence_async_shared()
+        q_bar, k_full, v_full, kv_empty = _ring_barriers(NC, STAGES)
         n_blk = gl.cdiv(Lk, BLOCK_N)
         q_row0 = pid_m * (64 * NC)
         largs = (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_full, v_full, kv_empty,
