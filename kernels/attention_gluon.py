@@ -82,6 +82,18 @@ if HAVE_GLUON:
         return slot
 
     @gluon.jit
+    def _store_rows(O, o, b, h, row0, Lq, stride_ob, stride_ol):
+        """o [BM, D] (fp32, an MMA layout) -> bf16 rows row0 + [0, BM) of head h of sample b of O
+        [B, Lq, H, D] (rows past Lq not written)."""
+        BM: gl.constexpr = o.shape[0]
+        D: gl.constexpr = o.shape[1]
+        offs_m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, o.type.layout))
+        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o.type.layout))
+        o_ptr = (O + b.to(gl.int64) * stride_ob + gl.expand_dims(offs_m.to(gl.int64) * stride_ol, 1)
+                 + h * D + gl.expand_dims(offs_d, 0))
+        gl.store(o_ptr, o.to(gl.bfloat16), mask=gl.expand_dims(offs_m < Lq, 1))
+
+    @gluon.jit
     def _ring_barriers(NC: gl.constexpr, STAGES: gl.constexpr):
         """The mbarriers of a loader / NC-consumer program: one per consumer's Q tile, and per ring
         stage K full, V full and free (every consumer arrives on it)."""
@@ -220,11 +232,7 @@ if HAVE_GLUON:
         acc, pb = warpgroup_mma_wait(0, deps=[acc, pb])
         mbarrier.arrive(kv_empty.index(last))
         acc = acc / gl.expand_dims(gl.convert_layout(l_i, orow_l), 1)
-        offs_m = q_row0 + C * BM + gl.arange(0, BM, layout=orow_l)
-        offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-        o_ptr = (O + b.to(gl.int64) * stride_ob + gl.expand_dims(offs_m.to(gl.int64) * stride_ol, 1)
-                 + h * D + gl.expand_dims(offs_d, 0))
-        gl.store(o_ptr, acc.to(gl.bfloat16), mask=gl.expand_dims(offs_m < Lq, 1))
+        _store_rows(O, acc, b, h, q_row0 + C * BM, Lq, stride_ob, stride_ol)
 
     @gluon.jit
     def _attn_fwd_ws(desc_q, desc_k, desc_v, O, KN, Lq, Lk, H, stride_ob, stride_ol, qk_scale,
@@ -421,10 +429,7 @@ if HAVE_GLUON:
         inv = (1.7014118346046923e38 / gl.convert_layout(l_i, orow_l)) * 4194304.0
         o = acc * gl.expand_dims(inv, 1) - 128.0
         o = o * gl.expand_dims(gl.load(VS + bh * D + offs_d), 0) + gl.expand_dims(gl.load(VM + bh * D + offs_d), 0)
-        offs_m = q_row0 + C * BM + gl.arange(0, BM, layout=orow_l)
-        o_ptr = (O + b.to(gl.int64) * stride_ob + gl.expand_dims(offs_m.to(gl.int64) * stride_ol, 1)
-                 + h * D + gl.expand_dims(offs_d, 0))
-        gl.store(o_ptr, o.to(gl.bfloat16), mask=gl.expand_dims(offs_m < Lq, 1))
+        _store_rows(O, o, b, h, q_row0 + C * BM, Lq, stride_ob, stride_ol)
 
     @gluon.jit
     def _attn_fwd_ws_i8u(desc_q, desc_k, desc_v, O, QS, KS, VS, VM, Lq, Lk, H, n_kblk, stride_ob, stride_ol,
