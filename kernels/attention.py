@@ -7,9 +7,10 @@ positions), fp32 accumulation.
 
 Modes (`_attn_fwd_kernel`'s MODE):
 - 0 "bf16": bf16 Q.K and P.V on the tensor cores. On Hopper `flash_attention` runs this mode with
-  the warp-specialized Gluon kernel in attention_gluon.py (same math, the softmax overlapped with
-  the MMAs; 0.99x cuDNN where this `tl` kernel reaches 0.88x); STORYMEM_ATTN_KERNEL=triton keeps
-  the kernel below, which is also what the CPU interpreter tests.
+  the warp-specialized Gluon kernel in attention_gluon.py (same softmax, overlapped with the MMAs,
+  the key mask on the last block only and a bounded lazy rescale; 1.20x cuDNN where this `tl`
+  kernel reaches 0.90x); STORYMEM_ATTN_KERNEL=triton keeps the kernel below, which is also what the
+  CPU interpreter tests.
 - 1 "int8-fp8" (SageAttention2-style): Q as INT8 with one scale per (token, head); K smoothed
   by its mean over tokens (exact: softmax ignores a per-row constant) and INT8 with one scale
   per block of `k_block` tokens; P scaled by 448 into e4m3's range, V smoothed by its mean
@@ -26,8 +27,8 @@ Modes (`_attn_fwd_kernel`'s MODE):
   the `tl` kernel below reaches 1.02x), unless STORYMEM_ATTN_KERNEL=triton.
 
 Error against float64 on RMS-normalised, RoPE-rotated random inputs at L = 48k, and speed on an
-H100 (docs/PERF.md): bf16 2.3e-3, 0.89x cuDNN (the Gluon kernel: 0.99x); int8 1.2e-2, 1.10x;
-int8-int8 1.6e-2, 1.02x (the Gluon kernel: 1.52x); int8-fp8 3.6e-2, 1.31x. On random data the
+H100 (docs/PERF.md): bf16 2.3e-3, 0.90x cuDNN (the Gluon kernel: 1.20x); int8 1.2e-2, 1.11x;
+int8-int8 1.6e-2, 1.02x (the Gluon kernel: 1.52x); int8-fp8 3.6e-2, 1.32x. On random data the
 output is an incoherent sum, so every per-element rounding of P and V shows up in full: e4m3
 rounds each element with ~2.6% rms relative error, so FP8 P alone costs ~2.6e-2 whatever the
 scaling; V's rounding costs ~2e-2 once the mean of its rounding errors per channel is taken off the

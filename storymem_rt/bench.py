@@ -674,10 +674,10 @@ def _finish(rep: Report, args: BenchArgs) -> dict:
             r["x_reference_issue"] = REFERENCE_S / r["s"]
             r["x_diffusers"] = _ratio(r["s"], d_eager)
             r["x_diffusers_compiled"] = _ratio(r["s"], d_comp)
-    from .fast import _ATTENTION_PLAN, ATTENTION_TIMES
+    from .fast import attention_plan
 
-    rep.info["attention_auto"] = {f"q {list(k[0])} k {list(k[1])}": {"chosen": v, "ms": ATTENTION_TIMES.get(k, {})}
-                                  for k, v in _ATTENTION_PLAN.items()}
+    rep.info["attention_auto"] = {f"q {list(k[0])} k {list(k[1])}": {"chosen": impl, "ms": ms}
+                                  for k, (impl, ms) in attention_plan().items()}
     result = {"info": rep.info, "checks": rep.checks, "rows": rep.rows}
     path = args.json_path or (os.path.join(os.environ["OUT"], "bench.json") if os.environ.get("OUT") else None)
     if path:

@@ -347,10 +347,13 @@ def _rope_tables(pos: Tensor, h: int, w: int, head_dim: int, device):
     return RopeTables(torch.cos(ang).float().to(device), torch.sin(ang).float().to(device), f, h, w)
 
 
-_ATTENTION_PLAN: dict[tuple, str] = {}  # (choice, shapes, device) -> impl; timed once per process
+# (q shape, k shape, device) -> (impl, {candidate: ms measured}); timed once per process
+_ATTENTION_PLAN: dict[tuple, tuple[str, dict[str, float]]] = {}
 
 
-ATTENTION_TIMES: dict[tuple, dict[str, float]] = {}  # what "auto" measured (ms) per shape, for reports
+def attention_plan() -> dict[tuple, tuple[str, dict[str, float]]]:
+    """What `attention="auto"` chose so far, per (q shape, k shape, device), with the times it measured."""
+    return dict(_ATTENTION_PLAN)
 
 
 def resolve_attention(choice: str, q_shape: tuple, k_shape: tuple, dtype: torch.dtype, device) -> str:
@@ -373,11 +376,10 @@ def resolve_attention(choice: str, q_shape: tuple, k_shape: tuple, dtype: torch.
                 times[impl] = _time_ms(lambda: _attend(q, k, v, impl))
             except Exception as e:  # no Hopper, old Triton, cuDNN refuses the layout: not a candidate
                 log.info("attention %s unavailable for %s: %s", impl, q_shape, e)
-        _ATTENTION_PLAN[key] = min(times, key=times.get) if times else "sdpa"
-        ATTENTION_TIMES[key] = times
+        _ATTENTION_PLAN[key] = (min(times, key=times.get) if times else "sdpa", times)
         log.info("attention %s x %s: %s -> %s", q_shape, k_shape,
-                 {k_: round(t, 3) for k_, t in times.items()}, _ATTENTION_PLAN[key])
-    return _ATTENTION_PLAN[key]
+                 {k_: round(t, 3) for k_, t in times.items()}, _ATTENTION_PLAN[key][0])
+    return _ATTENTION_PLAN[key][0]
 
 
 class _FastState:
