@@ -1,6 +1,6 @@
 """storymem-rt: a latency-focused inference engine for StoryMem multi-shot story video.
 
-`export/` and `kernels/` live at the top of the repository but install inside the
+`export/`, `kernels/` and `benchmarks/` live at the top of the repository but install inside the
 `storymem_rt` namespace (`storymem_rt.export`, `storymem_rt.kernels`): a real PyPI
 package is called `kernels`, and a top-level `export` would shadow anything else.
 """
@@ -11,11 +11,13 @@ setup(
     version="0.1.0",
     description="Fast one-process inference engine for StoryMem multi-shot story video (Wan2.2 A14B).",
     python_requires=">=3.10",
-    packages=["storymem_rt", "storymem_rt.export", "storymem_rt.kernels"],
+    packages=["storymem_rt", "storymem_rt.dit", "storymem_rt.export", "storymem_rt.kernels",
+              "storymem_rt.benchmarks"],
     package_dir={
         "storymem_rt": "storymem_rt",
         "storymem_rt.export": "export",
         "storymem_rt.kernels": "kernels",
+        "storymem_rt.benchmarks": "benchmarks",
     },
     install_requires=[
         # torch is capped at 2.14.1 on the workplace machines (a local wheel); the device has 2.11.

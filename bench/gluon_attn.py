@@ -85,10 +85,10 @@ def main():
     idx = torch.randperm(L, device="cuda")[:128]
     ref = attention_ref(q[:, idx], k, v)
     flops = 4.0 * L * L * H * D
-    impls = [("triton bf16 (ours, tl)", lambda: attn_mod._launch_attention(q, k, v, D**-0.5, "bf16")),
+    impls = [("triton bf16 (ours, tl)", lambda: attn_mod.launch_attention(q, k, v, D**-0.5, "bf16")),
              ("cuDNN", lambda: sdpa(q, k, v, backend="cudnn"))]
     if any(c[0] == "i8" for c in cfgs):
-        impls.append(("triton int8-int8 (ours, tl)", lambda: attn_mod._launch_attention(q, k, v, D**-0.5, "int8-int8")))
+        impls.append(("triton int8-int8 (ours, tl)", lambda: attn_mod.launch_attention(q, k, v, D**-0.5, "int8-int8")))
     if any(c[0] == "i8" for c in cfgs):
         impls.append(("int8-int8 quantization pre-pass alone",
                       lambda: attn_mod.quantize_qkv(q, k, v, "int8-int8", v_block=128, perm32=True,

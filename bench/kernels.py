@@ -135,12 +135,12 @@ def bench_attention(L, rep, qo=None, ko=None, n_check=128, quick=False):
 
     impls = [
         ("attention bf16 (ours)", lambda: flash_attention(q, k, v, mode="bf16"),
-         "Gluon, warp-specialized" if attn_mod._use_gluon(q, "bf16") else "tl"),
-        ("attention bf16 (ours, tl kernel)", lambda: attn_mod._launch_attention(q, k, v, D**-0.5, "bf16"),
+         "Gluon, warp-specialized" if attn_mod.uses_gluon(q, "bf16") else "tl"),
+        ("attention bf16 (ours, tl kernel)", lambda: attn_mod.launch_attention(q, k, v, D**-0.5, "bf16"),
          "attention.py"),
         ("attention int8-int8 (ours, incl. quant)", lambda: flash_attention(q, k, v, mode="int8-int8"),
-         "Gluon, warp-specialized" if attn_mod._use_gluon(q, "int8-int8") else "tl"),
-        ("attention int8-int8 (ours, tl kernel)", lambda: attn_mod._launch_attention(q, k, v, D**-0.5, "int8-int8"),
+         "Gluon, warp-specialized" if attn_mod.uses_gluon(q, "int8-int8") else "tl"),
+        ("attention int8-int8 (ours, tl kernel)", lambda: attn_mod.launch_attention(q, k, v, D**-0.5, "int8-int8"),
          "attention.py, incl. quant"),
         ("attention int8-fp8 (ours, incl. quant)", lambda: flash_attention(q, k, v, mode="int8-fp8"), "Sage2-style"),
         ("attention int8 QK, bf16 PV (ours, incl. quant)", lambda: flash_attention(q, k, v, mode="int8"), ""),
@@ -161,15 +161,15 @@ def bench_attention(L, rep, qo=None, ko=None, n_check=128, quick=False):
         out[name] = row(name, L, ms, e, tflops=flops / ms / 1e9, note=note)
     # the engine's entry point: times ours against cuDNN once for this shape, then keeps the faster
     try:
-        attn_mod.clear_auto_cache()
+        attn_mod.clear_plan()
         t0 = time.time()
-        attn_mod.attention(q, k, v)
+        attn_mod.attend(q, k, v, "auto")
         pick_s = time.time() - t0
-        choice = next(iter(attn_mod._AUTO_CHOICE.values()))
-        fn = lambda: attn_mod.attention(q, k, v)
+        choice = next(iter(attn_mod.attention_plan().values()))[0]
+        fn = lambda: attn_mod.attend(q, k, v, "auto")
         e = err_of(fn())
         ms = bench_ms(fn, rep)
-        row("attention(impl='auto') (engine)", L, ms, e, tflops=flops / ms / 1e9,
+        row("attend(impl='auto') (engine)", L, ms, e, tflops=flops / ms / 1e9,
             note=f"picked {choice} (first call {pick_s:.1f} s)")
     except Exception as ex:
         print(f"auto failed: {type(ex).__name__}: {ex}", flush=True)
@@ -177,7 +177,7 @@ def bench_attention(L, rep, qo=None, ko=None, n_check=128, quick=False):
     for mode in ("int8-int8", "int8-fp8", "int8"):
         try:
             bn = attn_mod.DEFAULT_CONFIGS[mode].block_n
-            perm = mode == "int8-int8" and attn_mod._use_gluon(q, mode)  # the Gluon kernel's key order
+            perm = mode == "int8-int8" and attn_mod.uses_gluon(q, mode)  # the Gluon kernel's key order
             ms_q = bench_ms(lambda: quantize_qkv(q, k, v, mode, v_block=bn, perm32=perm, unsigned_v=perm),
                             max(50, rep // 10))
             row(f"  quantize q/k/v for {mode}", L, ms_q, None, note="included above")
@@ -212,7 +212,7 @@ def sweep_attention(L, rep):
         best = None
         for cfg in cands:
             try:
-                fn = lambda: attn_mod._launch_attention(q, k, v, D**-0.5, mode, cfg)  # noqa: B023
+                fn = lambda: attn_mod.launch_attention(q, k, v, D**-0.5, mode, cfg)  # noqa: B023
                 t0 = time.time()
                 fn()
                 torch.cuda.synchronize()

@@ -45,7 +45,7 @@ def resolve_sources(spec: BuildSpec) -> Sources:
     if spec.models != "tiny" and not root.is_dir():
         raise StoryMemError(f"{root}: models folder does not exist")
     from storymem_rt.errors import CheckpointError, download_hint
-    from storymem_rt.models import _find_lora_file
+    from storymem_rt.models import find_lora_file
 
     paths = ModelPaths.from_models_dir(root)
     model_dir = paths.i2v if spec.kind == "m2v" else paths.t2v
@@ -60,7 +60,7 @@ def resolve_sources(spec: BuildSpec) -> Sources:
         if not lora.is_dir():
             raise CheckpointError(f"{lora}: LoRA folder does not exist; {download_hint('lora', str(lora))}")
         for e in EXPERT_DIRS:
-            _find_lora_file(lora, e)
+            find_lora_file(lora, e)
     return Sources(model_dir=model_dir, lora_dir=lora)
 
 
@@ -139,9 +139,9 @@ class Builder:
 
     def _lora(self, src: Sources, expert: str):
         from storymem_rt.lora import LoraConfig, load_lora
-        from storymem_rt.models import _find_lora_file
+        from storymem_rt.models import find_lora_file
 
-        path = _find_lora_file(src.lora_dir, expert)
+        path = find_lora_file(src.lora_dir, expert)
         config = None if self.spec.lora_rank is None else LoraConfig.storymem(self.spec.lora_rank)
         return path, load_lora(path, config)
 
@@ -284,9 +284,9 @@ def engine_request(spec: BuildSpec, kind: str, expert: str, cache: HashCache | N
         lora_file = lora_cfg = None
         if spec.kind == "m2v":
             from storymem_rt.lora import LoraConfig, load_lora
-            from storymem_rt.models import _find_lora_file
+            from storymem_rt.models import find_lora_file
 
-            lora_file = _find_lora_file(src.lora_dir, expert)
+            lora_file = find_lora_file(src.lora_dir, expert)
             lora_cfg = (LoraConfig.storymem(spec.lora_rank) if spec.lora_rank is not None
                         else load_lora(lora_file).config)
         inputs, names = root_inputs(expert_dir, lora_file, lora_cfg, cache)

@@ -449,7 +449,7 @@ def export_onnx(config: DiTConfig, src: WeightSource | torch.nn.Module, out_dir:
                 precision: str = "bf16", compute_dtype: torch.dtype | None = None) -> Path:
     """Write `out_dir/model.onnx` + `model.onnx.data` for one expert; returns the model path.
 
-    src: the expert's weights (a loaded WanDiT / FP8WanDiT, or `WeightSource.from_folder` over
+    src: the expert's weights (a loaded WanDiT (plain or FP8), or `WeightSource.from_folder` over
     a merged or FP8 folder). precision: fp32 | bf16 | fp16 | fp8 (fp8 needs FP8 weights in
     src). compute_dtype overrides the matmul dtype (fp8 with float32 compute is what the
     CPU test runs). `out_dir` must not exist; it is written beside and renamed when complete.

@@ -170,13 +170,12 @@ def set_cache_env(cache_dir: Path) -> None:
 
 def code_hash() -> str:
     """sha256 over the sources that shape the compiled graphs (dit.py, fp8.py, this file)."""
-    import storymem_rt.dit as dit
-
-    from . import fp8
+    import storymem_rt
 
     h = hashlib.sha256()
-    for mod in (dit, fp8, sys.modules[__name__]):
-        h.update(Path(mod.__file__).read_bytes())
+    root = Path(storymem_rt.__file__).parent
+    for path in sorted(root.glob("dit/*.py")) + [root / "fp8.py", Path(sys.modules[__name__].__file__)]:
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 
@@ -208,9 +207,7 @@ def random_expert(preset: str, precision: str, device, seed: int = 0) -> torch.n
     """A WanDiT of a named preset (e.g. "i2v-a14b") with random weights made directly on
     `device` in the compute dtype (A14B bf16: 28 GB, no host copy); fp8 quantizes each block
     linear in place, one at a time. For cold-start and speed benchmarks, not for pictures."""
-    from storymem_rt.dit import WanDiT
-
-    from .fp8 import FP8Linear, block_linear_names
+    from storymem_rt.dit import DiTOptions, WanDiT
 
     cfg = DiTConfig.from_name(preset)
     dtype = PRECISION_DTYPES[precision]
@@ -223,11 +220,8 @@ def random_expert(preset: str, precision: str, device, seed: int = 0) -> torch.n
     finally:
         torch.set_default_dtype(old)
     model.cast_(dtype)
-    if precision == "fp8":
-        for name in block_linear_names(model):
-            parent, _, leaf = name.rpartition(".")
-            owner = model.get_submodule(parent)
-            owner._modules[leaf] = FP8Linear.from_linear(owner._modules[leaf], dtype)
+    if precision == "fp8":  # block linears quantized in place, as build-engines' FP8 weights are
+        model.convert_(DiTOptions(precision="fp8"))
     return model.eval().requires_grad_(False)
 
 
@@ -238,10 +232,8 @@ def load_for_precision(weights: str | Path, precision: str, device) -> torch.nn.
 
     if str(weights).startswith("random:"):
         return random_expert(str(weights).split(":", 1)[1], precision, device)
-    if precision == "fp8":
-        from .fp8 import load_fp8_expert
-
-        return load_fp8_expert(weights, device=device, dtype=torch.bfloat16)
+    if precision == "fp8":  # load_expert reads the FP8 layout from the folder's fp8_config.json
+        return load_expert(weights, device=device, dtype=torch.bfloat16)
     return load_expert(weights, device=device, dtype=PRECISION_DTYPES[precision])
 
 

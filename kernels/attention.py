@@ -9,7 +9,7 @@ Modes (`_attn_fwd_kernel`'s MODE):
 - 0 "bf16": bf16 Q.K and P.V on the tensor cores. On Hopper `flash_attention` runs this mode with
   the warp-specialized Gluon kernel in attention_gluon.py (same softmax, overlapped with the MMAs,
   the key mask on the last block only and a bounded lazy rescale; 1.20x cuDNN where this `tl`
-  kernel reaches 0.90x); STORYMEM_ATTN_KERNEL=triton keeps the kernel below, which is also what the
+  kernel reaches 0.90x); `flash_attention(..., kernel="tl")` (attention "triton-tl") keeps the kernel below, which is also what the
   CPU interpreter tests.
 - 1 "int8-fp8" (SageAttention2-style): Q as INT8 with one scale per (token, head); K smoothed
   by its mean over tokens (exact: softmax ignores a per-row constant) and INT8 with one scale
@@ -24,7 +24,7 @@ Modes (`_attn_fwd_kernel`'s MODE):
   where e4m3 keeps 3 mantissa bits whatever the scale. On Hopper this mode runs as a
   warp-specialized Gluon kernel (attention_gluon.py: three consumer warpgroups, P on the unsigned
   grid round(255 p) against V + 128, so that P.V needs one FMA per output element; 1.52x cuDNN where
-  the `tl` kernel below reaches 1.02x), unless STORYMEM_ATTN_KERNEL=triton.
+  the `tl` kernel below reaches 1.02x), unless `kernel="tl"`.
 
 Error against float64 on RMS-normalised, RoPE-rotated random inputs at L = 48k, and speed on an
 H100 (docs/PERF.md): bf16 2.3e-3, 0.90x cuDNN (the Gluon kernel: 1.20x); int8 1.2e-2, 1.11x;
@@ -36,14 +36,13 @@ output (`quantize_qkv`). Mode 3 pays for its accuracy with a per-block pass over
 on the CUDA cores (an integer add and two FMAs per element here, one FMA in the Gluon kernel;
 kernels/NOTES.md).
 
-`attention(q, k, v, impl="auto")` is what the engine calls: per shape it times our bf16 kernel
-against cuDNN SDPA once and keeps the faster.
+`attend(q, k, v, impl)` is the dispatcher the DiT calls (`choose` resolves "auto": per shape it times
+our bf16 kernel against cuDNN once and keeps the faster).
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +55,8 @@ from ._triton import device_supports_tma, is_hopper, jit, use_triton
 log = logging.getLogger("storymem_rt.kernels.attention")
 
 LOG2E = 1.4426950408889634
-FP8_MAX = 448.0
+from ..fp8 import FP8_MAX  # noqa: E402  (one definition)
+
 MODES = {"bf16": 0, "int8-fp8": 1, "int8": 2, "int8-int8": 3}
 
 try:
@@ -437,7 +437,7 @@ def quantize_qkv(q, k, v, mode: str, k_block: int = K_BLOCK, block: int = 128, v
     return q8, qs, k8, ks, vt, v_scale, v_shift, vadd
 
 
-def _launch_attention(q, k, v, scale: float, mode: str, config: AttnConfig | None = None,
+def launch_attention(q, k, v, scale: float, mode: str, config: AttnConfig | None = None,
                       k_block: int = K_BLOCK) -> torch.Tensor:
     if TensorDescriptor is None:
         raise RuntimeError("our attention kernel needs triton >= 3.4 (tensor descriptors)")
@@ -482,13 +482,11 @@ def _launch_attention(q, k, v, scale: float, mode: str, config: AttnConfig | Non
     return out
 
 
-def _use_gluon(q: torch.Tensor, mode: str) -> bool:
+def uses_gluon(q: torch.Tensor, mode: str, kernel: str = "auto") -> bool:
     """bf16 and int8-int8 on Hopper go to the warp-specialized Gluon kernels (attention_gluon.py),
-    unless STORYMEM_ATTN_KERNEL=triton asks for the `tl` kernel below (int8-int8 also needs Triton's
+    unless `kernel="tl"` asks for the `tl` kernel below (int8-int8 also needs Triton's
     pipeline-stages hook)."""
-    if mode not in ("bf16", "int8-int8") or q.device.type != "cuda" or q.shape[-1] not in (64, 128):
-        return False
-    if os.environ.get("STORYMEM_ATTN_KERNEL", "gluon") == "triton":
+    if kernel == "tl" or mode not in ("bf16", "int8-int8") or q.device.type != "cuda" or q.shape[-1] not in (64, 128):
         return False
     from .attention_gluon import HAVE_GLUON, have_u8_pv
 
@@ -496,8 +494,9 @@ def _use_gluon(q: torch.Tensor, mode: str) -> bool:
 
 
 @torch.library.custom_op("storymem::flash_attention", mutates_args=())
-def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mode: str) -> torch.Tensor:
-    if _use_gluon(q, mode):
+def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mode: str,
+                        kernel: str) -> torch.Tensor:
+    if uses_gluon(q, mode, kernel):
         from .attention_gluon import flash_attention_ws, flash_attention_ws_int8
 
         fn = flash_attention_ws if mode == "bf16" else flash_attention_ws_int8
@@ -507,46 +506,57 @@ def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
         if mode == "bf16":
             return attention_ref(q, k, v, scale).to(torch.bfloat16).contiguous()
         return attention_lp_ref(q, k, v, scale, mode).to(torch.bfloat16).contiguous()
-    return _launch_attention(q, k, v, scale, mode)
+    return launch_attention(q, k, v, scale, mode)
 
 
 @_flash_attention_op.register_fake
-def _(q, k, v, scale, mode):
+def _(q, k, v, scale, mode, kernel):
     return q.new_empty(q.shape, dtype=torch.bfloat16)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                    mode: str = "bf16") -> torch.Tensor:
-    """Our kernel. q [B, Lq, H, D], k, v [B, Lk, H, D] bf16 -> [B, Lq, H, D] bf16; mode in MODES."""
+                    mode: str = "bf16", kernel: str = "auto") -> torch.Tensor:
+    """Our kernel. q [B, Lq, H, D], k, v [B, Lk, H, D] bf16 -> [B, Lq, H, D] bf16; mode in MODES.
+    kernel: "auto" (the Gluon kernels on Hopper where they exist, else the `tl` kernel) or "tl"."""
+    if kernel not in ("auto", "tl"):
+        raise ValueError(f"kernel must be 'auto' or 'tl', got {kernel!r}")
     _check_qkv(q, k, v)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     if q.dtype != torch.bfloat16 or k.dtype != torch.bfloat16 or v.dtype != torch.bfloat16:
         raise ValueError(f"q, k, v must be bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return torch.ops.storymem.flash_attention(q, k, v, scale, mode)
+    return torch.ops.storymem.flash_attention(q, k, v, scale, mode, kernel)
 
 
-# ----------------------------------------------------------------------------- engine helper
+# ----------------------------------------------------------------------------- the dispatcher
+# The one place that decides which attention implementation runs. The DiT receives an implementation
+# name as a construction option and calls `attend`; "auto" is resolved here, per shape, by timing.
+
+IMPLS = ("auto", "sdpa", "cudnn", "triton", "triton-tl", "int8-int8", "int8-fp8", "int8", "flash", "efficient",
+         "math")
+LOW_PRECISION = ("int8-int8", "int8-fp8", "int8")
 
 
 def sdpa(q, k, v, scale: float | None = None, backend: str | None = "cudnn") -> torch.Tensor:
-    """torch SDPA on [B, L, H, D] views (strided, no copies in), out [B, Lq, H, D]."""
+    """torch SDPA on [B, L, H, D] views (strided, no copies in), out [B, Lq, H, D]; backend None lets
+    torch choose (on the CPU: its math/flash CPU kernels)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     if backend is None:
         return F.scaled_dot_product_attention(qt, kt, vt, scale=scale).transpose(1, 2)
+    if backend == "cudnn":  # the aten op itself: what the bench measured, no dispatcher checks per call
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, False, scale=scale)[0].transpose(
+            1, 2)
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "math": SDPBackend.MATH}
     with sdpa_kernel(backends[backend]):
         return F.scaled_dot_product_attention(qt, kt, vt, scale=scale).transpose(1, 2)
 
 
-_AUTO_CHOICE: dict[tuple, str] = {}
-
-
-def _time_ms(fn, reps: int = 3) -> float:
+def time_ms(fn, reps: int = 3) -> float:
+    """Median CUDA-event time of `fn()` in ms, after one warm-up call (CUDA only)."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -560,57 +570,66 @@ def _time_ms(fn, reps: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _auto_choice(q, k, v, scale) -> str:
-    key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device.index)
-    choice = _AUTO_CHOICE.get(key)
-    if choice is not None:
-        return choice
-    if torch.compiler.is_compiling():
-        return "sdpa"  # no timing while tracing; eager calls fill the cache
-    try:
-        t_ours = _time_ms(lambda: flash_attention(q, k, v, scale))
-    except Exception as e:  # our kernel cannot run here (no Hopper, old Triton): cuDNN it is
-        log.warning("our attention kernel failed on %s (%s); using cuDNN SDPA", tuple(q.shape), e)
-        t_ours = math.inf
-    try:
-        t_cudnn = _time_ms(lambda: sdpa(q, k, v, scale, "cudnn"))
-    except RuntimeError:
-        t_cudnn = math.inf
-    choice = "triton" if t_ours <= t_cudnn else "sdpa"
-    if math.isinf(t_ours) and math.isinf(t_cudnn):
-        choice = "sdpa-any"
-    log.info("attention %s: ours %.2f ms, cuDNN %.2f ms -> %s", tuple(q.shape), t_ours, t_cudnn, choice)
-    _AUTO_CHOICE[key] = choice
-    return choice
+# (q shape, k shape, dtype, device index) -> (impl, {candidate: ms}); timed once per process
+_PLAN: dict[tuple, tuple[str, dict[str, float]]] = {}
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "auto",
-              scale: float | None = None) -> torch.Tensor:
-    """Self/cross attention for the engine: q [B, Lq, H, D], k, v [B, Lk, H, D] -> [B, Lq, H, D].
+def attention_plan() -> dict[tuple, tuple[str, dict[str, float]]]:
+    """What "auto" chose so far, per (q shape, k shape, dtype, device index), with the times it measured."""
+    return dict(_PLAN)
 
-    impl: "auto" (bf16 CUDA: the faster of our kernel and cuDNN SDPA for this shape, timed once and
-    cached; elsewhere SDPA), "triton" (ours, bf16), "int8-int8" / "int8-fp8" / "int8" (ours, low
-    precision),
-    "sdpa" (cuDNN SDPA), "flash" (SDPA's flash backend), "math" (SDPA's math backend).
-    """
+
+def clear_plan() -> None:
+    _PLAN.clear()
+
+
+def choose(impl: str, q_shape: tuple, k_shape: tuple, dtype: torch.dtype, device) -> str:
+    """The implementation that runs for one call shape: `impl` itself, except
+    - "auto" on a CUDA bf16 call with head dim 64/128: cuDNN and our kernel timed once on random
+      data of this shape, the faster kept (the plan); any other "auto" call: "sdpa";
+    - "cudnn" off CUDA: "sdpa" (the same math through torch's CPU kernels)."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention must be one of {', '.join(IMPLS)}; got {impl!r}")
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "sdpa" if impl in ("auto", "cudnn") else impl
+    if impl != "auto":
+        return impl
+    if dtype != torch.bfloat16 or q_shape[-1] not in (64, 128) or torch.compiler.is_compiling():
+        return "sdpa"
+    key = (tuple(q_shape), tuple(k_shape), dtype, device.index)
+    if key not in _PLAN:
+        q = torch.randn(q_shape, dtype=dtype, device=device)
+        k, v = torch.randn(k_shape, dtype=dtype, device=device), torch.randn(k_shape, dtype=dtype, device=device)
+        times = {}
+        for cand in ("cudnn", "triton"):
+            try:
+                times[cand] = time_ms(lambda: attend(q, k, v, cand))
+            except Exception as e:  # no Hopper, old Triton, cuDNN refuses the layout: not a candidate
+                log.info("attention %s unavailable for %s: %s", cand, q_shape, e)
+        _PLAN[key] = (min(times, key=times.get) if times else "sdpa", times)
+        log.info("attention %s x %s: %s -> %s", q_shape, k_shape, {c: round(t, 3) for c, t in times.items()},
+                 _PLAN[key][0])
+    return _PLAN[key][0]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "auto",
+           scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v: q [B, Lq, H, D], k, v [B, Lk, H, D] -> [B, Lq, H, D] (no transposes
+    in memory). impl: one of IMPLS ("auto" goes through `choose`): "sdpa" torch's own choice, "cudnn"
+    cuDNN, "triton" our bf16 kernel (Gluon on Hopper), "triton-tl" our `tl` kernel, "int8-int8" /
+    "int8-fp8" / "int8" our low-precision kernels, "flash" / "efficient" / "math" SDPA's backends."""
     _check_qkv(q, k, v)
     if impl == "auto":
-        if q.device.type != "cuda" or q.dtype != torch.bfloat16 or q.shape[-1] not in (64, 128):
-            return sdpa(q, k, v, scale, None)
-        impl = _auto_choice(q, k, v, scale)
-    if impl == "triton":
-        return flash_attention(q, k, v, scale, "bf16")
-    if impl in ("int8-fp8", "int8", "int8-int8"):
-        return flash_attention(q, k, v, scale, impl)
+        impl = choose(impl, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
     if impl == "sdpa":
-        return sdpa(q, k, v, scale, "cudnn")
-    if impl == "sdpa-any":
         return sdpa(q, k, v, scale, None)
-    if impl in ("flash", "math", "efficient"):
+    if impl in ("cudnn", "flash", "efficient", "math"):
+        if impl == "cudnn" and q.device.type != "cuda":
+            return sdpa(q, k, v, scale, None)
         return sdpa(q, k, v, scale, impl)
-    raise ValueError("impl must be one of auto, triton, int8-int8, int8-fp8, int8, sdpa, flash, efficient, math; "
-                     f"got {impl!r}")
-
-
-def clear_auto_cache() -> None:
-    _AUTO_CHOICE.clear()
+    if impl in ("triton", "triton-tl"):
+        return flash_attention(q, k, v, scale, "bf16", "tl" if impl == "triton-tl" else "auto")
+    if impl in LOW_PRECISION:
+        return flash_attention(q, k, v, scale, impl)
+    raise ValueError(f"attention must be one of {', '.join(IMPLS)}; got {impl!r}")

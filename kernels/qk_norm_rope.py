@@ -27,7 +27,8 @@ import triton.language as tl
 
 from ._triton import jit, skip_launch, use_triton
 
-FP8_MAX = 448.0  # e4m3fn
+from ..fp8 import FP8_MAX  # noqa: E402  (e4m3fn, one definition)
+
 INT8_MAX = 127.0
 
 
@@ -60,6 +61,21 @@ class RopeTables:
     @property
     def num_tokens(self) -> int:
         return self.frames * self.grid_h * self.grid_w
+
+    def full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token tables cos, sin [frames*grid_h*grid_w, D/2] float32 (tokens in (f, h, w) order),
+        gathered from these rows: the same float32 values, no new rounding."""
+        f, h, w = self.frames, self.grid_h, self.grid_w
+        nt, nh, _ = rope_split(self.cos.shape[-1] * 2)
+        dev = self.cos.device
+        tf = torch.arange(f, device=dev)[:, None, None].expand(f, h, w).reshape(-1)
+        th = (f + torch.arange(h, device=dev))[None, :, None].expand(f, h, w).reshape(-1)
+        tw = (f + h + torch.arange(w, device=dev))[None, None, :].expand(f, h, w).reshape(-1)
+
+        def gather(tab):
+            return torch.cat([tab[tf, :nt], tab[th, nt:nt + nh], tab[tw, nt + nh:]], dim=-1)
+
+        return gather(self.cos), gather(self.sin)
 
 
 def rope_tables(positions, grid_h: int, grid_w: int, head_dim: int, theta: float = 10000.0,

@@ -349,6 +349,27 @@ def load_module_streaming(
     return module
 
 
+FP8_CONFIG = "fp8_config.json"
+FP8_FORMAT = "storymem-fp8"
+FP8_VERSION = 1
+
+
+def read_fp8_config(folder: str | Path) -> dict | None:
+    """The FP8 artifact's `fp8_config.json` (build-engines --precision fp8), None for a bf16/fp32 folder."""
+    p = Path(folder) / FP8_CONFIG
+    if not p.exists():
+        return None
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise _fail(f"{p}: unreadable FP8 config ({e}); rebuild with storymem-rt build-engines --precision fp8",
+                    None) from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FP8_FORMAT or cfg.get("version") != FP8_VERSION:
+        raise _fail(f"{p}: not a {FP8_FORMAT} v{FP8_VERSION} folder; rebuild with storymem-rt build-engines "
+                    f"--precision fp8", None)
+    return cfg
+
+
 def load_expert(
     folder: str | Path,
     device: str | torch.device = "cpu",
@@ -356,13 +377,15 @@ def load_expert(
     lora=None,
 ) -> nn.Module:
     """One Wan2.2 expert (`high_noise_model/` or `low_noise_model/`) as a `WanDiT` in eval mode.
+    An FP8 artifact folder (with `fp8_config.json`) loads with e4m3 block linears (`dtype`: their
+    compute dtype).
 
     `lora`: a `storymem_rt.lora.LoraWeights` (or a path to a LoRA file, read with its rank
     inferred and alpha = r, rslora on: StoryMem's convention) merged into its target weights
     as they stream (W += scale * B @ A in float32 before the cast), so the merged expert never
     exists twice in memory.
     """
-    from .dit import WanDiT  # dit imports nothing from here; keep the module import light
+    from .dit import DiTOptions, WanDiT  # dit imports nothing from here; keep the module import light
 
     folder = Path(folder)
     kind = guess_kind(folder)
@@ -379,7 +402,13 @@ def load_expert(
     files = safetensors_files(folder, kind)
     index = read_index(folder / INDEX_NAME, kind) if files[0].name != SAFETENSORS_NAME else None
 
-    model = build_on_meta(lambda: WanDiT(config))
+    fp8 = read_fp8_config(folder)
+    options = None
+    if fp8 is not None:  # block linears are e4m3 with per-channel scales (storymem_rt.fp8)
+        if lora is not None:
+            raise _fail(f"{folder}: an FP8 expert cannot take a LoRA merge; merge before quantizing", kind)
+        options = DiTOptions(precision="fp8", fp8_activations="static" if fp8.get("input_scale") else "none")
+    model = build_on_meta(lambda: WanDiT(config, options))
     transform = None
     if lora is not None:
         from .lora import LoraWeights, load_lora
@@ -400,6 +429,12 @@ def load_expert(
     )
     if lora is not None:
         lora.assert_all_used()
+    if fp8 is not None:
+        from .fp8 import block_linear_names
+
+        if sorted(block_linear_names(model)) != sorted(fp8.get("quantized", [])):
+            raise _fail(f"{folder / FP8_CONFIG}: quantized layers do not match the model's block linears", kind)
+        model.cast_(dtype)  # FP8 weights stay; bias and compute dtype follow `dtype`
     log.info("loaded %s expert from %s (%d tensors%s)", kind, folder, len(origins),
              f", LoRA {lora.path.name} merged" if lora is not None else "")
     return model.eval().requires_grad_(False)

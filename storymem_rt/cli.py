@@ -287,13 +287,18 @@ def _explicit(ctx: click.Context, name: str) -> bool:
                    "compile caches); a stale or missing one is refused with the rebuild command.")
 @click.option("--precision", type=click.Choice(["bf16", "fp8", "fp32"]), default=None,
               help="With --engines: which precision's artifacts to use (default: bf16 on GPU, fp32 on CPU).")
+@click.option("--backend", type=click.Choice(["auto", "plain", "fast-bf16", "fast-fp8", "compiled", "onnxruntime",
+                                              "tensorrt"]), default="auto", show_default=True,
+              help="What runs the DiT (docs/ARCHITECTURE.md): plain, fast-bf16/fast-fp8 (fused kernels, cached text "
+                   "K/V, FP8 GEMMs), compiled (torch.compile, with --engines' compile cache), onnxruntime / "
+                   "tensorrt (--engines' graphs / engines). auto: as --fast says.")
 @click.option("--fast", type=click.Choice(["auto", "off", "bf16", "fp8"]), default="auto", show_default=True,
-              help="The fast DiT backend (fused kernels, cached text K/V, no host sync; fp8: FP8 GEMMs). "
-                   "auto: bf16 on CUDA, off on CPU.")
+              help="Short for --backend plain / fast-bf16 / fast-fp8. auto: fast-bf16 on CUDA (fast-fp8 with FP8 "
+                   "--engines), plain on CPU.")
 @click.option("--compile/--no-compile", "fast_compile", default=False, show_default=True,
               help="With --fast: regional torch.compile of the repeated block (minutes of compilation "
                    "the first time, then ~2%% (bf16) to 20%% (fp8) faster per step on H100).")
-@click.option("--attention", type=click.Choice(["auto", "cudnn", "triton", "int8-int8", "int8-fp8"]),
+@click.option("--attention", type=click.Choice(["auto", "cudnn", "triton", "triton-tl", "int8-int8", "int8-fp8"]),
               default="auto", show_default=True,
               help="With --fast bf16/fp8: the DiT's self-attention. auto: the faster of cuDNN and our bf16 kernel "
                    "for the shape (bf16 math). int8-int8: our 8-bit kernel (rel. err. ~1.6e-2 per call on random "
@@ -302,8 +307,8 @@ def _explicit(ctx: click.Context, name: str) -> bool:
 @plan_options
 def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model, lora, lora_rank, size,
            frame_num, sample_steps, sample_solver, sample_guide_scale, max_memory_size, fix, no_quality_filter,
-           clip_weights, reference_mi2v_bug, device, dtype, offload, engines_dir, precision, fast, fast_compile,
-           attention, no_progress, plan: PlanSettings) -> None:
+           clip_weights, reference_mi2v_bug, device, dtype, offload, engines_dir, precision, backend, fast,
+           fast_compile, attention, no_progress, plan: PlanSettings) -> None:
     """Render STORY into one video, shot by shot, in this process."""
     ctx = click.get_current_context()
     s = load_story(story)
@@ -354,45 +359,39 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
     need_m2v = any(sh.mode != "t2v" for sh in shots)
     paths.check(need_t2v, need_m2v)
 
+    from .backends import BackendError, resolve
+
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if precision is not None and engines_dir is None:
-        raise click.UsageError("--precision picks the artifacts of --engines DIR: add --engines or drop --precision")
-    precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
-    dt = dtype or ("float32" if precision == "fp32" else "bfloat16")
+    art_precision = precision if engines_dir is None else (precision or ("bf16" if dev.type == "cuda" else "fp32"))
+    try:
+        backend_cfg = resolve(backend=backend, fast=fast, attention=attention, compile=fast_compile, device=dev,
+                              dtype=dtype, engines=engines_dir, engines_precision=art_precision)
+    except BackendError as e:
+        raise click.UsageError(str(e)) from None
     engines = None
     if engines_dir is not None:
-        from .export.manifest import BuildSpec
+        from .engines import BuildSpec
 
         if not (engines_dir / "manifest.json").is_file():
             raise click.BadParameter(f"{engines_dir} has no manifest.json: build it with storymem-rt build-engines "
                                      f"--out {engines_dir}", param_hint="--engines")
         engines = BuildSpec(models="tiny" if tiny and models == "tiny" else str(models),
-                            lora=None if lora is None else str(lora), precision=precision, size=w_h,
+                            lora=None if lora is None else str(lora), precision=art_precision, size=w_h,
                             frame_num=frame_num, max_memory_size=max_memory_size, out=str(engines_dir),
                             lora_rank=lora_rank)
-        identity = json.dumps({"models": identity, "engines": str(engines_dir.resolve()), "precision": precision})
-    if fast == "auto":
-        fast = "bf16" if dev.type == "cuda" else "off"
-    fast = None if fast == "off" else ("fp32" if fast == "bf16" and dt == "float32" else fast)
-    if attention != "auto" and fast not in ("bf16", "fp8"):
-        raise click.BadParameter(f"{attention} attention runs in the fast backend in bf16: add --fast bf16 or "
-                                 f"--fast fp8 (with --dtype bfloat16), or leave --attention auto; the fast backend "
-                                 f"here is {fast or 'off'}", param_hint="--attention")
-    if fast is not None:
-        identity = json.dumps({"weights": identity, "fast": fast} | ({"attention": attention}
-                                                                      if attention != "auto" else {}))
+        identity = json.dumps({"models": identity, "engines": str(engines_dir.resolve()), "precision": art_precision})
+    dt = {"fp32": "float32"}.get(backend_cfg.precision, "bfloat16")
     try:
         settings = RenderSettings(
             plan=plan, size=w_h, frame_num=frame_num, sample_steps=sample_steps, solver=sample_solver,
             guide_scale=(sample_guide_scale, sample_guide_scale), max_memory_size=max_memory_size, fix=fix,
             quality_filter="none" if no_quality_filter else "auto", reference_mi2v_bug=reference_mi2v_bug,
-            lora_rank=lora_rank, dtype=dt, models=identity)
+            lora_rank=lora_rank, dtype=dt, models=identity, backend=backend_cfg.to_json())
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    model_set = ModelSet(paths, device=dev, dtype=getattr(torch, dt), lora_rank=lora_rank,
+    model_set = ModelSet(paths, device=dev, lora_rank=lora_rank,
                          text_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
-                         resident=not offload, engines=engines, fast=fast, fast_compile=fast_compile,
-                         fast_attention=attention)
+                         resident=not offload, backend=backend_cfg, engines=engines)
     clip = random_clip(seed=0, device=dev) if tiny and clip_weights is None else load_clip(clip_weights, device=dev)
     selector = KeyframeSelector(clip, default_quality_scorer(not no_quality_filter, device=dev),
                                 max_keyframes=settings.max_keyframes, device=dev)
@@ -461,7 +460,7 @@ def bench(precision, memory_frames, size, frame_num, layers, repeats, peer, full
           time_budget, profile, seed) -> None:
     """Time the fast path on a real-size A14B expert (random weights made on the GPU) against
     float32 for correctness and diffusers for speed; prints one table, writes JSON."""
-    from .bench import BenchArgs, run
+    from .benchmarks.dit import BenchArgs, run
 
     if (frame_num - 1) % 4:
         raise click.BadParameter(f"--frame-num must be 4n+1, got {frame_num}")

@@ -69,6 +69,12 @@ def video_to_uint8(video: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(float_to_uint8_truncate(video).permute(1, 2, 3, 0).cpu().numpy())
 
 
+def frames_to_float(frames: torch.Tensor, device=None) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1] on `device` (what the reference reads
+    back from its MP4s and JPEGs)."""
+    return frames.to(device).permute(0, 3, 1, 2).float().div(255.0).sub(0.5).div(0.5)
+
+
 def image_to_uint8(image) -> np.ndarray:
     """PIL image, `[H, W, 3]` uint8, `[3, H, W]` uint8, or `[3, H, W]` float in [-1, 1]
     -> `[H, W, 3]` uint8 numpy."""

@@ -30,7 +30,7 @@ EXPERTS = {"high": "high_noise_model", "low": "low_noise_model"}
 LORA_FILES = {"high": "backbone_high_noise", "low": "backbone_low_noise"}
 
 
-def _find_lora_file(folder: Path, expert: str) -> Path:
+def find_lora_file(folder: Path, expert: str) -> Path:
     for ext in (".safetensors", ".pth"):
         p = folder / (LORA_FILES[expert] + ext)
         if p.is_file():
@@ -88,7 +88,7 @@ class ModelPaths:
                     safetensors_files(d / e, kind)
             else:
                 for e in EXPERTS:
-                    _find_lora_file(d, e)
+                    find_lora_file(d, e)
         shared = self.shared_dir()
         _resolve_paths(shared, None)  # the T5 checkpoint and its tokenizer folder
         if not (shared / VAE_FILE).is_file():
@@ -98,29 +98,31 @@ class ModelPaths:
 class ModelSet:
     """The models of one process, loaded once and kept.
 
-    `experts(kind)` returns {'high', 'low'} of 't2v' or 'm2v' (I2V + merged LoRA). With
-    `resident=False` only one kind's experts are kept at a time (the other is dropped when
-    the story moves on): the story engine renders all T2V shots before M2V needs memory.
+    `experts(kind)` returns {'high', 'low'} of 't2v' or 'm2v' (I2V + merged LoRA), built by the
+    backend registry (`storymem_rt.backends`) for `backend` (default: the plain WanDiT in `dtype`).
+    With `resident=False` only one kind's experts are kept at a time (the other is dropped when the
+    story moves on): the story engine renders all T2V shots before M2V needs memory.
+    engines: the `engines.BuildSpec` of `render --engines` (artifacts checked before use), or None.
     """
 
     def __init__(self, paths: ModelPaths, device="cpu", dtype=torch.float32, lora_rank: int | None = None,
                  lora_alpha: float | None = None, text_dtype=None, vae_dtype=torch.float32, resident: bool = True,
-                 engines=None, fast: str | None = None, fast_compile: bool = False, fast_attention: str = "auto"):
+                 backend=None, engines=None):
+        from .backends import BackendConfig, ExpertsLoader
+
         self.paths = paths
         self.device = torch.device(device)
-        self.dtype = dtype
+        if backend is None:
+            backend = BackendConfig(device=str(self.device), precision="bf16" if dtype == torch.bfloat16 else "fp32")
+        self.backend = backend
+        self.dtype = backend.dtype
         self.text_dtype = text_dtype or dtype
         self.vae_dtype = vae_dtype
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
         self.resident = resident
-        # An export.manifest.BuildSpec: experts come from `build-engines` artifacts (merged LoRA,
-        # FP8 weights, torch compile caches), each checked against its inputs before use.
         self.engines = engines
-        # storymem_rt.fast precision ("bf16" / "fp8" / "fp32") or None: the plain WanDiT.
-        self.fast = fast
-        self.fast_compile = fast_compile
-        self.fast_attention = fast_attention  # the fast backend's self-attention (fast.SELF_ATTENTION)
+        self.loader = ExpertsLoader(backend, paths, self.lora_config(), engines)
         self._experts: dict[str, dict] = {}
         self._text = None
         self._vae = None
@@ -158,93 +160,15 @@ class ModelSet:
     def experts(self, kind: str) -> dict:
         if kind not in ("t2v", "m2v"):
             raise ValueError(f"expert kind must be 't2v' or 'm2v', got {kind!r}")
-        if kind in self._experts:
-            return self._experts[kind]
-        if not self.resident:
-            self._experts.clear()
-        from .checkpoint import load_expert
-        from .lora import load_lora
-
-        root = self.paths.t2v if kind == "t2v" else self.paths.i2v
-        if root is None:
-            raise CheckpointError(f"no {'T2V' if kind == 't2v' else 'I2V'} model folder given; "
-                                  f"{download_hint('t2v' if kind == 't2v' else 'i2v')}")
-        out = {}
-        for e, sub in EXPERTS.items():
-            engine = self._engine_expert(kind, e) if self.engines is not None else None
-            if engine is not None:
-                out[e] = engine
-                continue
-            lora = None
-            if kind == "m2v":
-                if self.paths.lora is None:
-                    raise CheckpointError(f"M2V needs the StoryMem LoRA; {download_hint('lora')}")
-                lora = load_lora(_find_lora_file(self.paths.lora, e), self.lora_config())
-            out[e] = load_expert(root / sub, device=self.device, dtype=self.dtype, lora=lora)
-        if self.fast is not None:
-            from .fast import prepare_fast
-
-            out = {e: m if not hasattr(m, "blocks") else prepare_fast(m, self.fast, self.fast_attention,
-                                                                       compile=self.fast_compile)
-                   for e, m in out.items()}
-        self._experts[kind] = out
-        return out
-
-
-    def _engine_records(self, kind: str, expert: str) -> tuple[Path | None, dict | None]:
-        """(weights folder or None, torch-cache record or None) of one expert from the engines
-        folder. Weights: merged LoRA (M2V) or FP8; None where that kind has no weights artifact
-        (T2V in bf16/fp32 runs its upstream weights). A stale artifact raises StaleEngineError
-        naming what changed and the rebuild command; a missing M2V/FP8 one raises too."""
-        import dataclasses
-
-        from .export.build import find_engine
-        from .export.manifest import MissingEngineError
-
-        spec = dataclasses.replace(self.engines, kind=kind)
-        dev = str(self.device)
-        art = "fp8" if spec.precision == "fp8" else ("merged" if kind == "m2v" else None)
-        folder = None
-        if art is not None:
-            folder = Path(spec.out) / find_engine(spec, art, expert, device=dev)["path"]
-            if not (folder / "config.json").is_file():  # artifacts keep the upstream expert folder name
-                folder = folder / EXPERTS[expert]
-        try:
-            cache = find_engine(spec, "torch-cache", expert, device=dev)
-        except MissingEngineError:
-            cache = None  # no compile cache built: run eagerly
-        return folder, cache
+        if kind not in self._experts:
+            if not self.resident:
+                self._experts.clear()
+            self._experts[kind] = self.loader.load(kind)
+        return self._experts[kind]
 
     def preflight(self, kinds) -> None:
         """Check every engine artifact the story will use before anything is written."""
-        if self.engines is None:
-            return
-        for kind in kinds:
-            for e in EXPERTS:
-                self._engine_records(kind, e)
-
-    def _engine_expert(self, kind: str, expert: str):
-        from .checkpoint import load_expert
-
-        folder, cache = self._engine_records(kind, expert)
-        if folder is None and cache is None:
-            return None
-        if folder is None:
-            root_dir = self.paths.t2v if kind == "t2v" else self.paths.i2v
-            model = load_expert(root_dir / EXPERTS[expert], device=self.device, dtype=self.dtype)
-        elif self.engines.precision == "fp8":
-            from .export.fp8 import load_fp8_expert
-
-            model = load_fp8_expert(folder, device=self.device, dtype=self.dtype)
-        else:
-            model = load_expert(folder, device=self.device, dtype=self.dtype)
-        if cache is None:
-            return model
-        from .export.torch_engines import CompiledExpert, activate_compile_cache, parse_buckets
-
-        activate_compile_cache(Path(self.engines.out) / cache["path"])
-        return CompiledExpert(model, parse_buckets(cache.get("buckets"), self.engines.max_memory_size),
-                              shot_frames=(self.engines.frame_num - 1) // 4 + 1)
+        self.loader.preflight(kinds)
 
 
 def read_tiny_meta(models: Path) -> dict | None:

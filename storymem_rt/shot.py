@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .configs import SamplingConfig
+from .sampling import Guidance, sample
 from .schedulers import make_scheduler
 
 MODES = ("t2v", "m2v", "mi2v", "mm2v")
@@ -125,39 +126,25 @@ def draw_noise(seed: int, shape: tuple[int, ...], device) -> tuple[torch.Tensor,
     return torch.randn(*shape, dtype=torch.float32, generator=g, device=device), g
 
 
-@torch.no_grad()
-def denoise(experts: dict, spec: ShotSpec, noise: torch.Tensor, generator: torch.Generator,
+def denoise(experts, spec: ShotSpec, noise: torch.Tensor, generator: torch.Generator,
             context: torch.Tensor, context_null: torch.Tensor, y: torch.Tensor | None,
-            frame_pos: torch.Tensor | None, dtype: torch.dtype, progress=None,
-            cfg_batch: bool = True) -> torch.Tensor:
-    """The sampling loop. `experts` maps 'high'/'low' to callables model(x, t, context, y, frame_pos).
-
-    context / context_null: [1, text_len, D] each; y: [C_y, T, h, w] or None.
-    """
+            frame_pos: torch.Tensor | None, dtype: torch.dtype | None = None, progress=None,
+            cfg: str = "batched", **kw) -> torch.Tensor:
+    """The shot's sampling: `sampling.sample` with the spec's solver, steps, shift, boundary and
+    guidance. experts: {'high', 'low'} models (or an ExpertSlot); kw: `sample`'s switches
+    (cuda_graph, check_sync). context / context_null: [1, text_len, D]; y: [C_y, T, h, w] or None."""
     s = spec.sampling
     sched = make_scheduler(s.solver, s.sample_steps, s.shift, s.num_train_timesteps, device=noise.device)
-    boundary = s.boundary * s.num_train_timesteps
-    latent = noise
-    ctx2 = torch.cat([context, context_null]).to(dtype)
-    y2 = None if y is None else y.to(dtype)[None].expand(2, *y.shape)
-    for t in sched.timesteps:
-        high = float(t) >= boundary
-        model = experts["high" if high else "low"]
-        gs = s.guide_scale[1] if high else s.guide_scale[0]
-        x = latent.to(dtype)
-        tt = t.reshape(1).to(noise.device, torch.float32)
-        if cfg_batch:
-            out = model(x[None].expand(2, *x.shape), tt.expand(2), ctx2, y2, frame_pos).float()
-            cond, uncond = out[0], out[1]
-        else:
-            yy = None if y2 is None else y2[:1]
-            cond = model(x[None], tt, ctx2[:1], yy, frame_pos).float()[0]
-            uncond = model(x[None], tt, ctx2[1:], yy, frame_pos).float()[0]
-        pred = uncond + gs * (cond - uncond)
-        latent = sched.step(pred[None], t, latent[None], generator=generator)[0]
-        if progress is not None:
-            progress.update(1)
-    return latent
+    guidance = Guidance(scale_low=s.guide_scale[0], scale_high=s.guide_scale[1], cfg=cfg)
+    return sample(experts, sched, noise, generator, context, context_null, y, frame_pos, guidance,
+                  boundary=s.boundary, num_train_timesteps=s.num_train_timesteps, dtype=dtype, progress=progress, **kw)
+
+
+def _synced(device) -> float:
+    """perf_counter after the device's queued work is done (stage timings that are true on a GPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def shot_latent_shape(spec: ShotSpec, memory_size: int, vae_stride=(4, 8, 8)) -> tuple[int, int, int, int]:
@@ -170,7 +157,8 @@ def shot_latent_shape(spec: ShotSpec, memory_size: int, vae_stride=(4, 8, 8)) ->
 def generate_shot(experts: dict, vae, spec: ShotSpec, context: torch.Tensor, context_null: torch.Tensor,
                   memory_latents: torch.Tensor | None = None, known: torch.Tensor | None = None,
                   cond_latent: torch.Tensor | None = None, device=None, dtype=torch.float32,
-                  progress=None, cfg_batch: bool = True, memory_at_negative_positions: bool = True) -> ShotResult:
+                  progress=None, cfg: str = "batched", memory_at_negative_positions: bool = True,
+                  **sampling) -> ShotResult:
     """Run one shot.
 
     experts: {'high': model, 'low': model} of the mode's model (T2V or M2V).
@@ -179,6 +167,8 @@ def generate_shot(experts: dict, vae, spec: ShotSpec, context: torch.Tensor, con
     known: [K, 3, H, W] frames of the previous shot (MI2V K=1, MM2V K=5), in [-1, 1].
     cond_latent: precomputed encode of the all-zeros clip (the story engine caches it per size and
         frame count); computed here when None and the shot needs it.
+    cfg, sampling: how guidance runs and `sampling.sample`'s switches (the backend's choice).
+    Timings are taken after a device synchronisation, so they are true on a GPU.
     """
     device = torch.device(device) if device is not None else context.device
     timings = {}
@@ -200,14 +190,14 @@ def generate_shot(experts: dict, vae, spec: ShotSpec, context: torch.Tensor, con
             raise ValueError(f"{spec.mode} shot needs {k} known frame(s) of the previous shot")
         shape = shot_latent_shape(spec, memory_size, stride)
         lat_h, lat_w = shape[2], shape[3]
-        t0 = time.perf_counter()
+        t0 = _synced(device)
         if k and not (spec.mode == "mi2v" and spec.reference_mi2v_bug):
             u = vae.encode(condition_video(resize_frames(known, spec.size), fnum, spec.size, device))[0]
         elif cond_latent is not None:
             u = cond_latent
         else:
             u = vae.encode(condition_video(None, fnum, spec.size, device))[0]
-        timings["vae_encode"] = time.perf_counter() - t0
+        timings["vae_encode"] = _synced(device) - t0
         msk = build_mask(memory_size, fnum, k, lat_h, lat_w, device=device, vae_stride_t=stride[0])
         y = torch.cat([msk, torch.cat([memory_latents.to(device, torch.float32), u.float()], dim=1)], dim=0)
         noise, g = draw_noise(spec.seed, shape, device)
@@ -216,18 +206,13 @@ def generate_shot(experts: dict, vae, spec: ShotSpec, context: torch.Tensor, con
         # 0..T-1 for the shot) give the same attention; ours keep the shot's positions fixed
         # whatever the memory size (one position table per shot length, not per memory size).
         if memory_at_negative_positions:
-            frame_pos = torch.arange(-memory_size, t_lat, device=device)
+            frame_pos = torch.arange(-memory_size, t_lat)  # host positions: RoPE tables are built on the host
         else:
-            frame_pos = torch.arange(memory_size + t_lat, device=device)
-    t0 = time.perf_counter()
-    if getattr(experts["high"], "_fast", None) is not None:  # prepared by storymem_rt.fast: no host sync
-        from .fast import denoise_fast
-
-        latent = denoise_fast(experts, spec, noise, g, context, context_null, y, frame_pos, dtype, progress=progress)
-    else:
-        latent = denoise(experts, spec, noise, g, context, context_null, y, frame_pos, dtype, progress, cfg_batch)
-    timings["dit"] = time.perf_counter() - t0
+            frame_pos = torch.arange(memory_size + t_lat)
+    t0 = _synced(device)
+    latent = denoise(experts, spec, noise, g, context, context_null, y, frame_pos, dtype, progress, cfg, **sampling)
+    timings["dit"] = _synced(device) - t0
     t0 = time.perf_counter()
     video = vae.decode(latent[None, :, memory_size:])[0].float()
-    timings["vae_decode"] = time.perf_counter() - t0
+    timings["vae_decode"] = _synced(device) - t0
     return ShotResult(latent=latent, video=video, timings=timings)

@@ -66,6 +66,7 @@ class RenderSettings:
     dtype: str = "float32"
     models: str = ""  # identity of the weights (folder + tiny marker), not a hash of gigabytes
     fps: int = 16
+    backend: dict = field(default_factory=dict)  # the resolved backends.BackendConfig (what ran the DiT)
 
     def __post_init__(self):
         w, h = self.size
@@ -174,8 +175,9 @@ def _to_uint8(video: torch.Tensor) -> torch.Tensor:
 
 
 def _uint8_to_float(frames: torch.Tensor, device) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1] (what the reference reads back from disk)."""
-    return frames.to(device).permute(0, 3, 1, 2).float().div(255.0).sub(0.5).div(0.5)
+    from .media import frames_to_float
+
+    return frames_to_float(frames, device)
 
 
 def _atomic_json(path: Path, obj) -> None:
@@ -369,7 +371,8 @@ class StoryRenderer:
                          leave=False)
             res = generate_shot(experts, self.models.vae, spec, contexts[shot.prompt],
                                 contexts[s.negative_prompt], memory_latents=mem, known=known,
-                                cond_latent=cond, device=self.device, dtype=self.dtype, progress=steps)
+                                cond_latent=cond, device=self.device, dtype=self.dtype, progress=steps,
+                                cfg=self.models.backend.cfg, cuda_graph=self.models.backend.cuda_graph)
             steps.close()
             t.update(res.timings)
             video = res.video[:, spec.known_frames:]  # MI2V drops 1 frame, MM2V 5 (StoryMem pipeline.py)

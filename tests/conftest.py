@@ -8,6 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton reads TRITON_INTERPRET when it is imported, and the DiT imports our kernels (so Triton) with
+# it: on a machine without CUDA, every test process imports Triton in interpreter mode. Whether a
+# kernel *call* on CPU tensors runs the interpreter is read per call (kernels/_triton.py): only the
+# kernel test modules (USES_TRITON_INTERPRETER = True) do; everything else runs the torch fallbacks.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -47,6 +54,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a = a.detach().double().cpu()
     b = b.detach().double().cpu()
     return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter(request, monkeypatch):
+    if not getattr(request.module, "USES_TRITON_INTERPRETER", False):
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    yield
 
 
 @pytest.fixture(autouse=True)

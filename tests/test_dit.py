@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from conftest import golden_dir, rel_err
 from storymem_rt.configs import DiTConfig
-from storymem_rt.dit import KEEP_FP32, WanDiT, apply_rope, rope_cos_sin, rope_inv_freqs
+from storymem_rt.dit import KEEP_FP32, WanDiT, apply_rope, rope_cos_sin
+from storymem_rt.kernels.qk_norm_rope import rope_split
 
 TOL = 1e-5
 
@@ -210,10 +211,9 @@ def test_apply_rope_matches_complex_reference(golden, golden_manifest):
 
 def test_rope_split_follows_upstream():
     # Wan2.2 A14B has head_dim 128: 22/21/21 rotation pairs for frame/height/width.
-    assert [len(f) for f in rope_inv_freqs(128)] == [22, 21, 21]
+    assert list(rope_split(128)) == [22, 21, 21]
     for d in (64, 96, 128, 130):
-        nt, nh, nw = (len(f) for f in rope_inv_freqs(d))
-        assert (nt, nh, nw) == ((d - 4 * (d // 6)) // 2, d // 6, d // 6)
+        assert rope_split(d) == ((d - 4 * (d // 6)) // 2, d // 6, d // 6)
 
 
 # ---- batching and inputs ---------------------------------------------------------------------
@@ -265,10 +265,11 @@ def test_attention_fn_is_pluggable(golden, expert):
     folder = _expert_dir(golden, expert)
     calls = []
 
-    def naive(q, k, v):
+    def naive(q, k, v):  # [B, L, H, D], the layout the projections write
         calls.append(q.shape)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-        return p @ v
+        return (p @ v).transpose(1, 2)
 
     model = WanDiT(DiTConfig.from_json(folder / "config.json"), attention_fn=naive)
     model.load_state_dict(_read_checkpoint(folder), strict=True)

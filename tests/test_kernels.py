@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
+USES_TRITON_INTERPRETER = True  # conftest: kernel calls on CPU tensors run the interpreter here
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -22,7 +23,7 @@ from storymem_rt.kernels import attention as attn_mod  # noqa: E402
 from storymem_rt.kernels import qk_norm_rope as qk_mod  # noqa: E402
 from storymem_rt.kernels.adaln import (adaln_modulate, adaln_modulate_ref, gated_residual,  # noqa: E402
                                        gated_residual_ref)
-from storymem_rt.kernels.attention import (attention, attention_lp_ref, attention_ref,  # noqa: E402
+from storymem_rt.kernels.attention import (attend, attention_lp_ref, attention_ref,  # noqa: E402
                                            flash_attention, quantize_qkv_ref)
 from storymem_rt.kernels.qk_norm_rope import (qk_norm_rope, qk_norm_rope_ref, rope_freqs_ref,  # noqa: E402
                                               rope_split, rope_tables)
@@ -192,7 +193,7 @@ def test_attention_reads_strided_projection_layout():
 
 def test_attention_int8_qk():
     q, k, v = _attn_inputs(2, 37, 70, 2)
-    out = attn_mod._launch_attention(q, k, v, 128**-0.5, "int8", k_block=32)  # three K blocks
+    out = attn_mod.launch_attention(q, k, v, 128**-0.5, "int8", k_block=32)  # three K blocks
     ref = attention_ref(q, k, v)
     assert rel(out, ref) < 2.5e-2
     assert rel(out, attention_lp_ref(q, k, v, mode="int8", k_block=32)) < 1e-2
@@ -200,7 +201,7 @@ def test_attention_int8_qk():
 
 def test_attention_int8_fp8():
     q, k, v = _attn_inputs(2, 37, 70, 2)
-    out = attn_mod._launch_attention(q, k, v, 128**-0.5, "int8-fp8", k_block=32)
+    out = attn_mod.launch_attention(q, k, v, 128**-0.5, "int8-fp8", k_block=32)
     assert torch.isfinite(out.float()).all()
     # loose: the interpreter's e4m3 rounding is broken near powers of two (tight bounds below on
     # the reference math); a lost 448 or V scale gives O(1)
@@ -212,7 +213,7 @@ def test_attention_int8_int8():
     """INT8 P.V: P against each key block's row max on the signed 255-level grid, V INT8 per channel."""
     q, k, v = _attn_inputs(2, 37, 70, 2)  # 5 key blocks of 16, the last one masked
     bn = attn_mod.INTERPRETER_CONFIG.block_n
-    out = attn_mod._launch_attention(q, k, v, 128**-0.5, "int8-int8", k_block=32)
+    out = attn_mod.launch_attention(q, k, v, 128**-0.5, "int8-int8", k_block=32)
     # the kernel is the emulation's math: only the interpreter's truncating bf16 store and ties differ
     # (~3e-3); dropping the block's 127 * colsum(V) term gives 0.62, a missing block weight 0.71
     assert rel(out, attention_lp_ref(q, k, v, mode="int8-int8", k_block=32, block_n=bn)) < 8e-3
@@ -245,15 +246,17 @@ def test_quantization_pieces():
                                rtol=0, atol=1e-6)
 
 
-def test_attention_engine_helper_on_cpu():
+def test_attention_dispatcher_on_cpu():
     q, k, v = _attn_inputs(1, 21, 30, 2)
     ref = attention_ref(q, k, v)
-    assert rel(attention(q, k, v), ref) < 1e-2  # auto on CPU: SDPA
-    assert rel(attention(q, k, v, impl="triton"), ref) < 1e-2
-    with pytest.raises(ValueError, match="impl"):
-        attention(q, k, v, impl="nope")
+    for impl in ("auto", "sdpa", "cudnn", "math", "triton", "triton-tl"):  # auto and cudnn on CPU: SDPA
+        assert rel(attend(q, k, v, impl), ref) < 1e-2, impl
+    assert attn_mod.choose("auto", tuple(q.shape), tuple(k.shape), q.dtype, "cpu") == "sdpa"
+    assert attn_mod.choose("int8-int8", tuple(q.shape), tuple(k.shape), q.dtype, "cpu") == "int8-int8"
+    with pytest.raises(ValueError, match="attention must be one of"):
+        attend(q, k, v, impl="nope")
     with pytest.raises(ValueError, match="match"):
-        attention(q, k[:, :, :1], v)
+        attend(q, k[:, :, :1], v)
 
 
 # ----------------------------------------------------------------------------- adaLN
@@ -297,7 +300,7 @@ def test_attention_torch_fallback_matches_its_fake(monkeypatch, mode):
     kernel's (and the fake's) contiguous layout, or torch.compile breaks on the CPU."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q = torch.randn(1, 20, 2, 128).bfloat16()
-    torch.library.opcheck(torch.ops.storymem.flash_attention, (q, q, q, 0.1, mode))
+    torch.library.opcheck(torch.ops.storymem.flash_attention, (q, q, q, 0.1, mode, "auto"))
 
 
 def test_ops_are_registered_for_compile_and_export():
@@ -314,7 +317,7 @@ def test_ops_are_registered_for_compile_and_export():
                           test_utils=shape_checks)
     torch.library.opcheck(torch.ops.storymem.qk_norm_rope_quant,
                           (qp, qp, w, w, rt.cos, rt.sin, 2, 2, 3, 2, 1e-6, True), test_utils=shape_checks)
-    torch.library.opcheck(torch.ops.storymem.flash_attention, (q, q, q, 0.1, "bf16"))
+    torch.library.opcheck(torch.ops.storymem.flash_attention, (q, q, q, 0.1, "bf16", "auto"))
 
     class Block(torch.nn.Module):
         def forward(self, x, sh, sc, q):

@@ -18,6 +18,7 @@ import sys
 # as in test_kernels.py: whichever kernel test module pytest imports first, triton must first be
 # imported with the interpreter on, or the interpreter tests of the same process break
 os.environ["TRITON_INTERPRET"] = "1"
+USES_TRITON_INTERPRETER = True  # conftest: kernel calls on CPU tensors run the interpreter here
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -81,18 +82,16 @@ def test_ws_kernel_compiles_for_sm90_and_is_warp_specialized():
 
 def test_flash_attention_routes_bf16_and_int8_int8_cuda_calls_to_gluon(monkeypatch):
     q = torch.zeros(1, 8, 2, 128, dtype=torch.bfloat16)
-    assert not attn_mod._use_gluon(q, "bf16")  # CPU tensors: the tl kernel (interpreter) or torch
+    assert not attn_mod.uses_gluon(q, "bf16")  # CPU tensors: the tl kernel (interpreter) or torch
     meta = torch.empty(1, 8, 2, 128, dtype=torch.bfloat16, device="meta")
     monkeypatch.setattr(attn_mod, "is_hopper", lambda index: True)
     monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
-    assert attn_mod._use_gluon(meta, "bf16") and attn_mod._use_gluon(meta, "int8-int8")
+    assert attn_mod.uses_gluon(meta, "bf16") and attn_mod.uses_gluon(meta, "int8-int8")
     for mode in ("int8-fp8", "int8"):
-        assert not attn_mod._use_gluon(meta, mode)
-    monkeypatch.setenv("STORYMEM_ATTN_KERNEL", "triton")
-    assert not attn_mod._use_gluon(meta, "bf16") and not attn_mod._use_gluon(meta, "int8-int8")
+        assert not attn_mod.uses_gluon(meta, mode)
+    assert not attn_mod.uses_gluon(meta, "bf16", "tl") and not attn_mod.uses_gluon(meta, "int8-int8", "tl")
     monkeypatch.setattr(attn_mod, "is_hopper", lambda index: False)
-    monkeypatch.delenv("STORYMEM_ATTN_KERNEL")
-    assert not attn_mod._use_gluon(meta, "bf16") and not attn_mod._use_gluon(meta, "int8-int8")
+    assert not attn_mod.uses_gluon(meta, "bf16") and not attn_mod.uses_gluon(meta, "int8-int8")
 
 
 PROBE_I8 = r"""

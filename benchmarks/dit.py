@@ -40,13 +40,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .configs import DIT_PRESETS, SAMPLING_PRESETS, DiTConfig, VAEConfig
-from .dit import WanDiT
-from .fast import GuidedStep, denoise_fast, model_bytes, plan_residency, prepare_fast, set_compile
+from storymem_rt.backends import model_bytes, plan_residency
+from storymem_rt.configs import DIT_PRESETS, SAMPLING_PRESETS, DiTConfig, VAEConfig
+from storymem_rt.dit import DiTOptions, WanDiT
+from storymem_rt.kernels.attention import attention_plan
+from storymem_rt.sampling import GuidedStep
 
 GB = 1e9
-REFERENCE_S = 7.82  # issue 5: the StoryMem reference code on this GPU kind, LoRA unmerged (not this run)
-CEILING_S = 4.75  # issue 5: sum of measured library ceilings for one bf16 forward (not this run)
+
+
+def prepare_fast(model: WanDiT, precision: str = "bf16", attention: str = "auto", *, options=None, **kw) -> WanDiT:
+    """The fast forward in place: `WanDiT.convert_` with `DiTOptions.fast` (or `options`)."""
+    return model.convert_(options or DiTOptions.fast(precision, attention=attention, **kw))
 
 
 @dataclass
@@ -94,7 +99,7 @@ def random_expert(cfg: DiTConfig, device, dtype: torch.dtype = torch.bfloat16, s
     for mname, mod in model.named_modules():
         for pname, p in list(mod.named_parameters(recurse=False)):
             full = f"{mname}.{pname}" if mname else pname
-            t = torch.empty(p.shape, dtype=WanDiT.param_dtype(full, dtype), device=device)
+            t = torch.empty(p.shape, dtype=model.param_dtype(full, dtype), device=device)
             if isinstance(mod, (nn.Linear, nn.Conv3d)):
                 bound = 1.0 / math.sqrt(mod.weight[0].numel())
                 t.uniform_(-bound, bound, generator=g)
@@ -155,7 +160,8 @@ def float32_forward(model: WanDiT, x, t, context, y=None, frame_pos=None) -> Ten
     ctx = outer.embed_text(context)
     rope = outer.rope(frame_pos, grid, tokens.device)
     for blk in model.blocks:
-        tokens = copy.deepcopy(blk).float()(tokens, e6, ctx, rope, model.attention_fn)
+        b32 = copy.deepcopy(blk).float()
+        tokens = b32(tokens, e6, b32.text_kv(ctx, "reference"), rope, "sdpa", "sdpa", "reference")
     return outer.unpatchify(outer.head(tokens, e), grid)
 
 
@@ -413,7 +419,7 @@ def run(args: BenchArgs) -> dict:
         if args.eager:
             st["out_bf16"] = _forward_row(rep, "ours fast bf16, eager (kernels)", model, inp, args)
         if args.compile:
-            set_compile(model, True)
+            model.set_compile(True)
             out = _forward_row(rep, "ours fast bf16, compiled", model, inp, args, ref=st.get("out_bf16"),
                                ref_name="rel_err_vs_eager")
             st.setdefault("out_bf16", out)
@@ -428,7 +434,7 @@ def run(args: BenchArgs) -> dict:
         st["out_bf16"] = model(*inp.args())
 
     def fast_fp8():
-        set_compile(model, False)
+        model.set_compile(False)
         prepare_fast(model, "fp8", **_kw(args))
         rep.info["expert_fp8_gb"] = model_bytes(model) / GB
         rep.checks.update(fast_checks(model, sl, ref32, "fp8"))
@@ -580,8 +586,8 @@ def _bench_cfg(model, inp: Inputs, rep: Report, args: BenchArgs, tag: str) -> No
 def _bench_memory_and_shot(model, cfg, inp: Inputs, rep: Report, args: BenchArgs, attn: str) -> None:
     """Both FP8 experts + VAE resident: one CFG step of each, one decode; peak memory. Then the
     VAE decode alone in bf16 and float32, and (--full-shot) the whole shot."""
-    from .shot import ShotSpec, draw_noise
-    from .vae import WanVAE, build_diffusers_vae
+    from storymem_rt.shot import ShotSpec, denoise, draw_noise
+    from storymem_rt.vae import WanVAE, build_diffusers_vae
 
     cfg_mode = rep.info.get("cfg_fp8_faster", args.cfg[0] if len(args.cfg) == 1 else "sequential")
     low = random_expert(cfg, inp.x.device, torch.bfloat16, args.seed + 1)
@@ -622,9 +628,8 @@ def _bench_memory_and_shot(model, cfg, inp: Inputs, rep: Report, args: BenchArgs
     vae = WanVAE(vae_model, vcfg)
     _free()
     if args.full_shot:
-        from .keyframes import KeyframeSelector, default_quality_scorer, random_clip
-        from .media import write_video
-        from .story import _to_uint8, _uint8_to_float
+        from storymem_rt.keyframes import KeyframeSelector, default_quality_scorer, random_clip
+        from storymem_rt.media import frames_to_float, video_to_uint8, write_video
 
         dev = inp.x.device
         # what the story engine does after the DiT (story.py): decode, the shot's mp4, keyframe selection
@@ -638,18 +643,18 @@ def _bench_memory_and_shot(model, cfg, inp: Inputs, rep: Report, args: BenchArgs
         noise, g = draw_noise(args.seed, tuple(inp.x.shape[1:]), dev)
         _peak_reset()
         t0 = time.perf_counter()
-        latent = denoise_fast(experts, spec, noise, g, inp.context, null, y, inp.frame_pos, torch.bfloat16,
-                              cfg=cfg_mode, cuda_graph=args.cuda_graph, check_sync=True)
+        latent = denoise(experts, spec, noise, g, inp.context, null, y, inp.frame_pos, torch.bfloat16,
+                         cfg=cfg_mode, cuda_graph=args.cuda_graph, check_sync=True)
         _sync()
         t_dit = time.perf_counter() - t0
         video = vae.decode(latent[None, :, args.memory_frames:])
         _sync()
         t_dec = time.perf_counter() - t0
-        frames_u8 = _to_uint8(video[0])
+        frames_u8 = torch.from_numpy(video_to_uint8(video[0]))
         with tempfile.TemporaryDirectory() as d:
             write_video(os.path.join(d, "shot.mp4"), frames_u8)
         t_write = time.perf_counter() - t0
-        frames = _uint8_to_float(frames_u8, dev)
+        frames = frames_to_float(frames_u8, dev)
         picked = list(selector.select(frames).indices)
         if picked:
             vae.encode_images(frames[picked].to(torch.bfloat16))
@@ -669,12 +674,12 @@ def _ratio(a, b):
 def _finish(rep: Report, args: BenchArgs) -> dict:
     d_eager = next((r["s"] for r in rep.rows if r["name"].startswith("diffusers") and "eager" in r["name"]), None)
     d_comp = next((r["s"] for r in rep.rows if r["name"].startswith("diffusers") and "compile" in r["name"]), None)
+    plain = next((r["s"] for r in rep.rows if r["name"].startswith("ours plain")), None)
     for r in rep.rows:
         if r["kind"] == "forward" and r["s"] is not None:
-            r["x_reference_issue"] = REFERENCE_S / r["s"]
+            r["x_plain"] = _ratio(r["s"], plain)
             r["x_diffusers"] = _ratio(r["s"], d_eager)
             r["x_diffusers_compiled"] = _ratio(r["s"], d_comp)
-    from .fast import attention_plan
 
     rep.info["attention_auto"] = {f"q {list(k[0])} k {list(k[1])}": {"chosen": impl, "ms": ms}
                                   for k, (impl, ms) in attention_plan().items()}
@@ -701,14 +706,14 @@ def print_table(result: dict) -> None:
     for shape, a in info.get("attention_auto", {}).items():
         print(f"attention auto, {shape}: {a['chosen']} ("
               + ", ".join(f"{k} {v:.2f} ms" for k, v in a["ms"].items()) + ")")
-    hdr = f"| {'what':<68} | {'s':>7} | {'first s':>7} | {'x ref 7.82*':>11} | {'x diffusers':>11} | " \
+    hdr = f"| {'what':<68} | {'s':>7} | {'first s':>7} | {'x plain':>11} | {'x diffusers':>11} | " \
           f"{'x diff. compiled':>16} | {'rel err vs bf16':>15} | {'peak GB':>7} |"
     print(hdr)
     print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
     for r in rows:
         err = r.get("rel_err_vs_bf16")
         print(f"| {r['name'][:68]:<68} | {_fmt(r['s']):>7} | {_fmt(r.get('first_s'), '.1f'):>7} | "
-              f"{_fmt(r.get('x_reference_issue'), '.2f'):>11} | {_fmt(r.get('x_diffusers'), '.2f'):>11} | "
+              f"{_fmt(r.get('x_plain'), '.2f'):>11} | {_fmt(r.get('x_diffusers'), '.2f'):>11} | "
               f"{_fmt(r.get('x_diffusers_compiled'), '.2f'):>16} | {_fmt(err, '.2e'):>15} | "
               f"{_fmt(r.get('peak_gb'), '.1f'):>7} |")
     mp = info.get("memory_plan")
@@ -716,5 +721,4 @@ def print_table(result: dict) -> None:
         print(f"memory plan: FP8 experts {mp['experts_fp8_gb']:.1f} GB + VAE {mp['vae_gb']:.2f} GB resident, "
               f"peak allocated {mp['peak_allocated_gb']:.1f} GB (reserved {_fmt(mp['peak_reserved_gb'], '.1f')}), "
               f"working set {mp['working_set_gb']:.1f} GB; bf16 plan: {mp['bf16_plan']}")
-    print("* 7.82 s: the StoryMem reference per forward on the same GPU kind, from issue 5 (not this run); "
-          f"bf16 ceiling sum {CEILING_S} s (issue 5).")
+    print("Every ratio compares two rows of this run (plain: our plain WanDiT in bf16, --baseline).")
