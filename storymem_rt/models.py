@@ -69,7 +69,7 @@ class ModelPaths:
         lists, LoRA files, the T5 checkpoint and tokenizer, the VAE. Headers and tensor shapes
         are checked later, while loading."""
         from .checkpoint import safetensors_files
-        from .text_encoder import _resolve_paths
+        from .text_encoder import resolve_paths
 
         wanted = []
         if need_t2v:
@@ -90,7 +90,7 @@ class ModelPaths:
                 for e in EXPERTS:
                     _find_lora_file(d, e)
         shared = self.shared_dir()
-        _resolve_paths(shared, None)  # the T5 checkpoint and its tokenizer folder
+        resolve_paths(shared, None)  # the T5 checkpoint and its tokenizer folder
         if not (shared / VAE_FILE).is_file():
             raise CheckpointError(f"{shared / VAE_FILE} is missing; {download_hint('t2v', str(shared))}")
 
