@@ -12,14 +12,15 @@ name them one by one, as the reference's `--t2v_model_path`, `--i2v_model_path`,
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .configs import read_json
 from .errors import CheckpointError, download_hint
+from .tiny import TINY_META
 
 log = logging.getLogger("storymem_rt")
 
@@ -30,7 +31,8 @@ EXPERTS = {"high": "high_noise_model", "low": "low_noise_model"}
 LORA_FILES = {"high": "backbone_high_noise", "low": "backbone_low_noise"}
 
 
-def _find_lora_file(folder: Path, expert: str) -> Path:
+def find_lora_file(folder: Path, expert: str) -> Path:
+    """`backbone_{high,low}_noise.safetensors` (or `.pth`) in a StoryMem LoRA folder, or CheckpointError."""
     for ext in (".safetensors", ".pth"):
         p = folder / (LORA_FILES[expert] + ext)
         if p.is_file():
@@ -88,7 +90,7 @@ class ModelPaths:
                     safetensors_files(d / e, kind)
             else:
                 for e in EXPERTS:
-                    _find_lora_file(d, e)
+                    find_lora_file(d, e)
         shared = self.shared_dir()
         resolve_paths(shared, None)  # the T5 checkpoint and its tokenizer folder
         if not (shared / VAE_FILE).is_file():
@@ -114,7 +116,7 @@ class ModelSet:
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
         self.resident = resident
-        # An export.manifest.BuildSpec: experts come from `build-engines` artifacts (merged LoRA,
+        # An engines.BuildSpec: experts come from `build-engines` artifacts (merged LoRA,
         # FP8 weights, torch compile caches), each checked against its inputs before use.
         self.engines = engines
         # storymem_rt.fast precision ("bf16" / "fp8" / "fp32") or None: the plain WanDiT.
@@ -179,7 +181,7 @@ class ModelSet:
             if kind == "m2v":
                 if self.paths.lora is None:
                     raise CheckpointError(f"M2V needs the StoryMem LoRA; {download_hint('lora')}")
-                lora = load_lora(_find_lora_file(self.paths.lora, e), self.lora_config())
+                lora = load_lora(find_lora_file(self.paths.lora, e), self.lora_config())
             out[e] = load_expert(root / sub, device=self.device, dtype=self.dtype, lora=lora)
         if self.fast is not None:
             from .fast import prepare_fast
@@ -198,8 +200,7 @@ class ModelSet:
         naming what changed and the rebuild command; a missing M2V/FP8 one raises too."""
         import dataclasses
 
-        from .export.build import find_engine
-        from .export.manifest import MissingEngineError
+        from .engines.manifest import MissingEngineError, find_engine
 
         spec = dataclasses.replace(self.engines, kind=kind)
         dev = str(self.device)
@@ -240,7 +241,7 @@ class ModelSet:
             model = load_expert(folder, device=self.device, dtype=self.dtype)
         if cache is None:
             return model
-        from .export.torch_engines import CompiledExpert, activate_compile_cache, parse_buckets
+        from .engines.loaders import CompiledExpert, activate_compile_cache, parse_buckets
 
         activate_compile_cache(Path(self.engines.out) / cache["path"])
         return CompiledExpert(model, parse_buckets(cache.get("buckets"), self.engines.max_memory_size),
@@ -248,5 +249,8 @@ class ModelSet:
 
 
 def read_tiny_meta(models: Path) -> dict | None:
-    p = Path(models) / "storymem_tiny.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    """`storymem_tiny.json` of a tiny bundle folder, None for any other folder."""
+    p = Path(models) / TINY_META
+    if not p.is_file():
+        return None
+    return read_json(p, "tiny bundle description", "rebuild it with storymem-rt make-tiny-models")

@@ -13,7 +13,7 @@ from conftest import rel_err
 from storymem_rt.checkpoint import load_expert
 from storymem_rt.errors import CheckpointError
 from storymem_rt.export.build import Builder
-from storymem_rt.export.manifest import BuildSpec, Manifest
+from storymem_rt.engines.manifest import BuildSpec, Manifest
 from storymem_rt.export.merge import merge_expert
 from storymem_rt.lora import load_lora
 
