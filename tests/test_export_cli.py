@@ -11,9 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from click.testing import CliRunner
-
-from storymem_rt.cli import main
+from conftest import cli
 from storymem_rt.engines.manifest import Manifest
 
 INSTALL = "install storymem-rt[tensorrt] (TensorRT 10+) on a machine with an NVIDIA GPU"
@@ -21,19 +19,9 @@ TINY_SHAPE = ["--size", "224*128", "--frame-num", "17", "--max-memory-size", "3"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    """STORYMEM_CACHE in a temp folder: `--models tiny` builds the bundle there, not in ~/.cache."""
-    old = os.environ.get("STORYMEM_CACHE")
-    os.environ["STORYMEM_CACHE"] = str(tmp_path_factory.mktemp("storymem-cache"))
-    yield
-    if old is None:
-        os.environ.pop("STORYMEM_CACHE", None)
-    else:
-        os.environ["STORYMEM_CACHE"] = old
-
-
-def cli(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+def tiny_cache(storymem_cache):
+    """`--models tiny` finds the session's tiny bundle (conftest), not one in ~/.cache."""
+    return storymem_cache
 
 
 def test_build_engines_onnx_fp8_then_noop_then_doctor(tmp_path):
@@ -71,8 +59,8 @@ def test_tensorrt_backend_fails_cleanly_before_building(tmp_path, backend):
         pytest.skip("TensorRT is installed here")
     except ImportError:
         pass
-    r = CliRunner().invoke(main, ["build-engines", "--models", "tiny", "--backend", backend, *TINY_SHAPE,
-                                  "--out", str(tmp_path / "engines")])
+    r = cli("build-engines", "--models", "tiny", "--backend", backend, *TINY_SHAPE, "--out", tmp_path / "engines",
+            catch_exceptions=True)
     assert r.exit_code == 1
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: TensorRT is not available") and lines[0].endswith(INSTALL)
