@@ -39,7 +39,7 @@ def _phase(args) -> dict:
     cache = Path(args.cache)
     if args.phase == "warm":
         # import only what is needed to copy/activate the artifact before torch's compile machinery
-        from storymem_rt.export.torch_engines import activate_compile_cache
+        from storymem_rt.engines.loaders import activate_compile_cache
 
         activate_compile_cache(args.artifact, work_dir=cache)
     else:
@@ -47,8 +47,9 @@ def _phase(args) -> dict:
         os.environ["TRITON_CACHE_DIR"] = str(cache / "triton")
     import torch
 
-    from storymem_rt.export.onnx_export import token_grid
-    from storymem_rt.export.torch_engines import CompiledExpert, load_for_precision, sample_call
+    from storymem_rt.engines.graph import token_grid
+    from storymem_rt.engines.loaders import CompiledExpert
+    from storymem_rt.export.torch_engines import load_for_precision, sample_call
 
     t_import = time.perf_counter() - T_START
     dev = torch.device(args.device)

@@ -74,7 +74,7 @@ def positions_for(L: int):
 
 
 def torch_qk_unfused(q, k, wq, wk, rope, eps=1e-6):
-    return qk_mod._torch_path(q, k, wq, wk, rope.cos, rope.sin, rope.frames, rope.grid_h, rope.grid_w, H, eps)
+    return qk_mod.qk_norm_rope_torch(q, k, wq, wk, rope.cos, rope.sin, rope.frames, rope.grid_h, rope.grid_w, H, eps)
 
 
 def bench_qk(L, rate, rep, check=True):

@@ -17,51 +17,16 @@ from pathlib import Path
 from typing import Callable
 
 from storymem_rt.configs import DiTConfig
-from storymem_rt.errors import StoryMemError
+from storymem_rt.engines.manifest import (HASH_CACHE_NAME, BuildSpec, HashCache, Manifest, Sources, artifact_id,
+                                          gpu_arch, hash_json, resolve_sources, root_inputs, tool_versions)
+from storymem_rt.models import EXPERTS
 
-from .manifest import (ArtifactRequest, BuildSpec, HashCache, HASH_CACHE_NAME, Manifest, artifact_id, check_artifact,
-                       gpu_arch, hash_json, make_record, root_inputs, tool_versions)
+from .manifest import make_record
 
 log = logging.getLogger("storymem_rt")
 
 BACKENDS = {"torch": ("torch",), "onnx": ("onnx",), "tensorrt": ("tensorrt",), "all": ("torch", "onnx", "tensorrt")}
-EXPERT_DIRS = {"high": "high_noise_model", "low": "low_noise_model"}
 GRAPH_VERSION = 1  # bump when onnx_export.py writes a different graph for the same weights
-
-
-@dataclass(frozen=True)
-class Sources:
-    """Resolved input folders of a build."""
-
-    model_dir: Path  # Wan2.2-I2V-A14B (m2v) or Wan2.2-T2V-A14B (t2v)
-    lora_dir: Path | None  # StoryMem LoRA folder (m2v)
-
-
-def resolve_sources(spec: BuildSpec) -> Sources:
-    from storymem_rt.models import ModelPaths
-    from storymem_rt.tiny import ensure_tiny_models
-
-    root = ensure_tiny_models() if spec.models == "tiny" else Path(spec.models)
-    if spec.models != "tiny" and not root.is_dir():
-        raise StoryMemError(f"{root}: models folder does not exist")
-    from storymem_rt.errors import CheckpointError, download_hint
-    from storymem_rt.models import find_lora_file
-
-    paths = ModelPaths.from_models_dir(root)
-    model_dir = paths.i2v if spec.kind == "m2v" else paths.t2v
-    kind = "i2v" if spec.kind == "m2v" else "t2v"
-    # Only the experts (and the LoRA) are needed here, not T5 or the VAE.
-    for sub in EXPERT_DIRS.values():
-        if not (model_dir / sub / "config.json").is_file():
-            raise CheckpointError(f"{model_dir / sub}: config.json is missing; {download_hint(kind, str(model_dir))}")
-    lora = None
-    if spec.kind == "m2v":
-        lora = Path(spec.lora) if spec.lora else paths.lora
-        if not lora.is_dir():
-            raise CheckpointError(f"{lora}: LoRA folder does not exist; {download_hint('lora', str(lora))}")
-        for e in EXPERT_DIRS:
-            find_lora_file(lora, e)
-    return Sources(model_dir=model_dir, lora_dir=lora)
 
 
 @dataclass
@@ -123,7 +88,7 @@ class Builder:
     def run(self) -> BuildReport:
         spec = self.spec
         if "tensorrt" in self.backends:  # fail before an hour of merging and exporting
-            from .tensorrt_build import require_tensorrt
+            from storymem_rt.engines.loaders import require_tensorrt
 
             require_tensorrt()
         src = resolve_sources(spec)
@@ -147,7 +112,7 @@ class Builder:
 
     def _expert(self, manifest: Manifest, cache: HashCache, src: Sources, expert: str) -> None:
         spec = self.spec
-        expert_dir = src.model_dir / EXPERT_DIRS[expert]
+        expert_dir = src.model_dir / EXPERTS[expert]
         config = DiTConfig.from_json(expert_dir / "config.json")
         lora_file = lora = None
         if spec.kind == "m2v":
@@ -161,12 +126,12 @@ class Builder:
             from .merge import merge_expert
 
             def build_merged(dst: Path) -> None:
-                merge_expert(expert_dir, lora, dst / EXPERT_DIRS[expert])
+                merge_expert(expert_dir, lora, dst / EXPERTS[expert])
 
             rec = self.stage(manifest, kind="merged", expert=expert, precision=None,
                              key={"inputs": inputs, "format": 1}, parent=None, backend=spec.backend,
                              build=build_merged, **common)
-            weights_dir, weights_id = self.out / rec["path"] / EXPERT_DIRS[expert], rec["id"]
+            weights_dir, weights_id = self.out / rec["path"] / EXPERTS[expert], rec["id"]
 
         # 2. FP8 weights
         if spec.precision == "fp8":
@@ -175,12 +140,12 @@ class Builder:
             src_dir = weights_dir
 
             def build_fp8(dst: Path) -> None:
-                quantize_expert(src_dir, dst / EXPERT_DIRS[expert])
+                quantize_expert(src_dir, dst / EXPERTS[expert])
 
             rec = self.stage(manifest, kind="fp8", expert=expert, precision="fp8",
                              key={"parent": weights_id or inputs, "fp8": FP8_VERSION}, parent=weights_id,
                              backend=spec.backend, build=build_fp8, **common)
-            weights_dir, weights_id = self.out / rec["path"] / EXPERT_DIRS[expert], rec["id"]
+            weights_dir, weights_id = self.out / rec["path"] / EXPERTS[expert], rec["id"]
 
         # 3. ONNX graph (+ 4. TensorRT engine)
         if "onnx" in self.backends or "tensorrt" in self.backends:
@@ -204,7 +169,9 @@ class Builder:
             self._torch(manifest, weights_dir, weights_id, config, expert, common)
 
     def _tensorrt(self, manifest: Manifest, onnx_rec: dict, config: DiTConfig, expert: str, common: dict) -> None:
-        from .tensorrt_build import ENGINE_NAME, TIMING_CACHE, build_engine, plan_engine, require_tensorrt
+        from storymem_rt.engines.loaders import require_tensorrt
+
+        from .tensorrt_build import ENGINE_NAME, TIMING_CACHE, build_engine, plan_engine
 
         spec = self.spec
         trt = require_tensorrt()
@@ -226,8 +193,9 @@ class Builder:
                common: dict) -> None:
         import torch
 
-        from .torch_engines import (WarmupSpec, build_aoti_package, build_compile_cache, code_hash, format_buckets,
-                                    load_for_precision, parse_buckets)
+        from storymem_rt.engines.loaders import code_hash, format_buckets, parse_buckets
+
+        from .torch_engines import WarmupSpec, build_aoti_package, build_compile_cache, load_for_precision
 
         spec = self.spec
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -263,51 +231,3 @@ class Builder:
 
 def build_engines(spec: BuildSpec, **kw) -> BuildReport:
     return Builder(spec, **kw).run()
-
-
-# --------------------------------------------------------------------------- what render asks
-
-def engine_request(spec: BuildSpec, kind: str, expert: str, cache: HashCache | None = None,
-                   device: str | None = None) -> ArtifactRequest:
-    """The ArtifactRequest a `render` with these settings makes for one engine kind.
-
-    Root inputs are hashed from the current files (cheap through the engines folder's hash
-    cache); tool versions and GPU arch are this machine's where the artifact depends on them."""
-    src = resolve_sources(spec)
-    expert_dir = src.model_dir / EXPERT_DIRS[expert]
-    cache = cache or HashCache(Path(spec.out) / HASH_CACHE_NAME)
-    tools, arch, sized = None, None, kind in ("tensorrt", "torch-cache", "torch-aoti")
-    if kind == "torch-cache":
-        cfg = DiTConfig.from_json(expert_dir / "config.json")
-        inputs, names = {"dit_config": hash_json(cfg.to_json())}, {"dit_config": str(expert_dir / "config.json")}
-    else:
-        lora_file = lora_cfg = None
-        if spec.kind == "m2v":
-            from storymem_rt.lora import LoraConfig, load_lora
-            from storymem_rt.models import find_lora_file
-
-            lora_file = find_lora_file(src.lora_dir, expert)
-            lora_cfg = (LoraConfig.storymem(spec.lora_rank) if spec.lora_rank is not None
-                        else load_lora(lora_file).config)
-        inputs, names = root_inputs(expert_dir, lora_file, lora_cfg, cache)
-    if kind == "tensorrt":
-        from .tensorrt_build import require_tensorrt
-
-        tools, arch = {"tensorrt": require_tensorrt().__version__}, gpu_arch(device)
-    elif kind in ("torch-cache", "torch-aoti"):
-        tv = tool_versions()
-        tools, arch = {"torch": tv.get("torch")}, gpu_arch(device)
-    cache.save()
-    backend = {"tensorrt": "tensorrt", "onnx": "onnx", "torch-cache": "torch", "torch-aoti": "torch"}.get(
-        kind, spec.backend)
-    return ArtifactRequest(kind=kind, model=spec.kind, expert=expert, inputs=inputs,
-                           precision=None if kind == "merged" else spec.precision,
-                           size=spec.size if sized else None, frame_num=spec.frame_num if sized else None,
-                           max_memory_size=spec.max_memory_size if sized else None, tools=tools, gpu_arch=arch,
-                           input_names=names, rebuild=spec.command(backend))
-
-
-def find_engine(spec: BuildSpec, kind: str, expert: str, device: str | None = None) -> dict:
-    """The usable artifact for `render`, or StaleEngineError / MissingEngineError saying which
-    input changed and the exact build-engines command."""
-    return check_artifact(spec.out, engine_request(spec, kind, expert, device=device))

@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from .manifest import HASH_CACHE_NAME, HashCache, Manifest, expert_files, gpu_arch, hash_files, tool_versions
+from storymem_rt.engines.manifest import (HASH_CACHE_NAME, HashCache, Manifest, expert_files, gpu_arch, hash_files,
+                                          tool_versions)
 
 
 def _version(mod: str) -> tuple[str | None, str | None]:
@@ -24,7 +25,7 @@ def _version(mod: str) -> tuple[str | None, str | None]:
 
 def environment() -> list[tuple[str, str]]:
     """(what, status) rows for the tools and the GPU."""
-    from .tensorrt_build import INSTALL_MESSAGE
+    from storymem_rt.engines.loaders import INSTALL_MESSAGE
 
     rows = []
     import platform

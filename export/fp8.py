@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -26,8 +24,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from storymem_rt.checkpoint import (FP8_CONFIG, FP8_FORMAT, FP8_VERSION, INDEX_NAME, SAFETENSORS_NAME, _fail,
-                                    build_on_meta, iter_safetensors, load_expert, load_module_streaming, read_index,
+from storymem_rt.atomic import atomic_dir
+from storymem_rt.checkpoint import (FP8_CONFIG, FP8_FORMAT, FP8_VERSION, INDEX_NAME, SAFETENSORS_NAME, build_on_meta,
+                                    checkpoint_error, iter_safetensors, load_expert, load_module_streaming, read_index,
                                     safetensors_files)
 from storymem_rt.configs import DiTConfig
 from storymem_rt.dit import DiTOptions, WanDiT
@@ -77,9 +76,7 @@ def quantize_expert(src: str | Path, dst: str | Path, input_scales: dict[str, fl
         raise ValueError(f"input_scales must cover every block linear; missing {missing[:3]}")
     if dst.exists():
         raise FileExistsError(f"{dst} exists; quantize into a new folder")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with atomic_dir(dst) as tmp:
         weight_map, total, seen = {}, 0, set()
         for shard in files:
             out: dict[str, Tensor] = {}
@@ -87,8 +84,8 @@ def quantize_expert(src: str | Path, dst: str | Path, input_scales: dict[str, fl
                 mod, _, leaf = key.rpartition(".")
                 if mod in names and leaf == "weight":
                     if t.ndim != 2:
-                        raise _fail(f"{shard}: key {key!r} should be a 2-D linear weight, has shape {list(t.shape)}",
-                                    None)
+                        raise checkpoint_error(f"{shard}: key {key!r} should be a 2-D linear weight, has shape "
+                                               f"{list(t.shape)}", None)
                     w8, scale = quantize_weight(t)
                     out[key], out[mod + ".weight_scale"] = w8, scale
                     if input_scales is not None:
@@ -102,7 +99,7 @@ def quantize_expert(src: str | Path, dst: str | Path, input_scales: dict[str, fl
             save_file(out, str(tmp / shard.name), metadata={"format": "pt"})
             del out
         if seen != names:
-            raise _fail(f"{src}: weights of {sorted(names - seen)[:3]} are missing", None)
+            raise checkpoint_error(f"{src}: weights of {sorted(names - seen)[:3]} are missing", None)
         shutil.copyfile(src / "config.json", tmp / "config.json")
         if sharded:
             (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
@@ -111,10 +108,6 @@ def quantize_expert(src: str | Path, dst: str | Path, input_scales: dict[str, fl
             "format": FP8_FORMAT, "version": FP8_VERSION, "dtype": "float8_e4m3fn", "max": FP8_MAX,
             "weight_scale": "per_output_channel", "input_scale": "per_tensor" if input_scales is not None else None,
             "quantized": sorted(names)}, indent=2))
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sorted(p for p in dst.iterdir() if p.is_file())
 
 

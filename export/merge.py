@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from storymem_rt.checkpoint import (INDEX_NAME, SAFETENSORS_NAME, _fail, build_on_meta, iter_safetensors,
+from storymem_rt.atomic import atomic_dir
+from storymem_rt.checkpoint import (INDEX_NAME, SAFETENSORS_NAME, build_on_meta, checkpoint_error, iter_safetensors,
                                     read_index, safetensors_files)
 from storymem_rt.configs import DiTConfig
 
@@ -52,12 +51,13 @@ def check_expert_keys(folder: Path, files: list[Path], config: DiTConfig, kind: 
     expected = {k: tuple(v.shape) for k, v in build_on_meta(lambda: WanDiT(config)).state_dict().items()}
     for k, s in shapes.items():
         if k not in expected:
-            raise _fail(f"{folder}: unexpected key {k!r} that the model does not have", kind)
+            raise checkpoint_error(f"{folder}: unexpected key {k!r} that the model does not have", kind)
         if s != expected[k]:
-            raise _fail(f"{folder}: key {k!r} has shape {list(s)} but the model expects {list(expected[k])}", kind)
+            raise checkpoint_error(f"{folder}: key {k!r} has shape {list(s)} but the model expects "
+                                   f"{list(expected[k])}", kind)
     missing = [k for k in expected if k not in shapes]
     if missing:
-        raise _fail(f"{folder}: key {missing[0]!r} is missing from the checkpoint", kind)
+        raise checkpoint_error(f"{folder}: key {missing[0]!r} is missing from the checkpoint", kind)
     return shapes
 
 
@@ -79,10 +79,8 @@ def merge_expert(src: str | Path, lora, dst: str | Path) -> list[Path]:
 
     if dst.exists():
         raise FileExistsError(f"{dst} exists; merge into a new folder")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     t0 = time.perf_counter()
-    try:
+    with atomic_dir(dst) as tmp:
         weight_map, total = {}, 0
         for shard in files:
             out: dict[str, torch.Tensor] = {}
@@ -101,9 +99,5 @@ def merge_expert(src: str | Path, lora, dst: str | Path) -> list[Path]:
         if sharded:
             (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=2))
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("merged %s + %s -> %s in %.1fs", src, lora.path.name, dst, time.perf_counter() - t0)
     return sorted(p for p in dst.iterdir() if p.is_file())

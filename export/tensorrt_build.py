@@ -30,8 +30,9 @@ Engine files are named by content (TensorRT demo/Diffusion practice): the ONNX a
 and GPU architecture all go into the name, and all are recorded in engines/manifest.json.
 
 Nothing here runs in this workplace's CI (TensorRT cannot be installed here): `plan_engine`
-and `profile_shapes` are plain Python and unit-tested; `build_engine` and `TrtExpert` are
-written against the TensorRT 10 Python API and exercised only on a machine with TensorRT.
+and `profile_shapes` are plain Python and unit-tested; `build_engine` and `TensorRTExpert` (the
+runner, in `storymem_rt/engines/loaders.py`) are written against the TensorRT 10 Python API and
+exercised only on a machine with TensorRT.
 """
 from __future__ import annotations
 
@@ -43,31 +44,15 @@ from pathlib import Path
 from storymem_rt.configs import DiTConfig
 from storymem_rt.errors import StoryMemError
 
-from .manifest import artifact_id
-from .onnx_export import DiTContract, TokenGrid, token_grid
+from storymem_rt.engines.graph import DiTContract, TokenGrid, token_grid
+from storymem_rt.engines.loaders import require_tensorrt
+from storymem_rt.engines.manifest import artifact_id
 
 log = logging.getLogger("storymem_rt")
 
-INSTALL_MESSAGE = "install storymem-rt[tensorrt] (TensorRT 10+) on a machine with an NVIDIA GPU"
 ENGINE_NAME = "model.plan"
 TIMING_CACHE = "timing.cache"
 BATCH_RANGE = (1, 2, 2)  # min, opt, max: CFG runs cond + uncond as one batch of 2
-
-
-class TensorRTUnavailable(StoryMemError):
-    pass
-
-
-def require_tensorrt():
-    """The `tensorrt` module (10+), or TensorRTUnavailable with the install line."""
-    try:
-        import tensorrt as trt  # type: ignore
-    except Exception as e:  # ImportError, or a broken install raising OSError on its libraries
-        raise TensorRTUnavailable(f"TensorRT is not available ({type(e).__name__}: {e}); {INSTALL_MESSAGE}") from None
-    major = int(str(trt.__version__).split(".")[0])
-    if major < 10:
-        raise TensorRTUnavailable(f"TensorRT {trt.__version__} is too old; {INSTALL_MESSAGE}")
-    return trt
 
 
 # --------------------------------------------------------------------------- profiles (plain Python)
@@ -144,7 +129,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, plan: EnginePla
                  timing_cache: str | Path | None = None, workspace_gib: float | None = None,
                  strongly_typed: bool = True, opt_level: int = 3) -> dict:
     """Parse `onnx_path` (external data beside it) and write a serialized engine to
-    `engine_path`; returns build facts for the manifest. Raises TensorRTUnavailable without
+    `engine_path`; returns build facts for the manifest. Raises engines.loaders.TensorRTUnavailable without
     TensorRT and StoryMemError with the parser's / builder's messages on failure."""
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -202,39 +187,3 @@ def _atomic_bytes(path: Path, data) -> None:
     from storymem_rt.atomic import atomic_write_bytes
 
     atomic_write_bytes(path, data)  # a memoryview is written as is: no copy of a multi-GB engine
-
-
-class TrtExpert:
-    """A built engine called like WanDiT: (x, t, context, y, frame_pos) -> [B, out_dim, F, H, W].
-
-    Inputs are prepared exactly as for the ONNX graph (`onnx_export.graph_inputs`), copied to
-    the GPU, and the engine runs on the current torch CUDA stream (execute_async_v3)."""
-
-    def __init__(self, engine_path: str | Path, config: DiTConfig):
-        import torch
-
-        trt = require_tensorrt()
-        self.trt, self.torch, self.config = trt, torch, config
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if self.engine is None:
-            raise StoryMemError(f"{engine_path}: TensorRT could not load the engine (built by another TensorRT "
-                                f"version or for another GPU?); rebuild it with storymem-rt build-engines")
-        self.context = self.engine.create_execution_context()
-
-    def __call__(self, x, t, context, y=None, frame_pos=None):
-        from .onnx_export import graph_inputs, unpatchify
-
-        torch = self.torch
-        feeds, grid = graph_inputs(self.config, x, t, context, y, frame_pos)
-        dev = x.device
-        bufs = {k: torch.from_numpy(v).to(dev) for k, v in feeds.items()}
-        for name, buf in bufs.items():
-            self.context.set_input_shape(name, tuple(buf.shape))
-            self.context.set_tensor_address(name, buf.data_ptr())
-        out = torch.empty(tuple(self.context.get_tensor_shape("out")), dtype=torch.float32, device=dev)
-        self.context.set_tensor_address("out", out.data_ptr())
-        if not self.context.execute_async_v3(torch.cuda.current_stream(dev).cuda_stream):
-            raise StoryMemError("TensorRT engine execution failed")
-        return unpatchify(out, grid, self.config)

@@ -234,7 +234,7 @@ def _check(q, k, q_weight, k_weight, cos, num_heads):
                          f"q has head_dim {q.shape[-1] // num_heads}")
 
 
-def _torch_path(q, k, q_weight, k_weight, cos, sin, frames, grid_h, grid_w, num_heads, eps):
+def qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, frames, grid_h, grid_w, num_heads, eps):
     """fp32 torch version over the same tables, for CPU tensors when Triton cannot run."""
     B, L, C = q.shape
     D = C // num_heads
@@ -286,7 +286,7 @@ def _qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k
                      num_heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, L, C = q.shape
     if not use_triton(q):
-        qo, ko = _torch_path(q, k, q_weight, k_weight, cos, sin, frames, grid_h, grid_w, num_heads, eps)
+        qo, ko = qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, frames, grid_h, grid_w, num_heads, eps)
         return qo.to(q.dtype), ko.to(q.dtype)
     shape = (B, L, num_heads, C // num_heads)
     qo = torch.empty(shape, dtype=q.dtype, device=q.device)
@@ -303,7 +303,7 @@ def _qk_norm_rope_quant_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Ten
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, L, C = q.shape
     if not use_triton(q):
-        qo, ko = _torch_path(q, k, q_weight, k_weight, cos, sin, frames, grid_h, grid_w, num_heads, eps)
+        qo, ko = qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, frames, grid_h, grid_w, num_heads, eps)
         q8, qs = quantize_per_head_ref(qo, fp8)
         k8, ks = quantize_per_head_ref(ko, fp8)
         return q8, qs, k8, ks

@@ -1,13 +1,16 @@
-"""Atomic file writes: a hidden temporary sibling, then one `os.replace`.
+"""Atomic file and folder writes: a hidden temporary sibling, then one `os.replace`.
 
-An interrupted process never leaves a half-written file where a finished one is expected.
-Every writer of the project goes through here (videos, images, JSON manifests, safetensors,
-engine files); no torch or video import, so light modules can use it too.
+An interrupted process never leaves a half-written file (or folder) where a finished one is
+expected. Every writer of the project goes through here (videos, images, JSON manifests,
+safetensors, engine files, merged / FP8 expert folders, ONNX graphs, the tiny bundle); no torch
+or video import, so light modules can use it too.
 """
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,6 +53,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty temporary folder next to `path`; when the block succeeds, it replaces
+    `path` in one rename (`path` must not exist, or be an empty folder). On any error
+    (KeyboardInterrupt included) the temporary folder and everything in it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{TEMP_MARKER}", dir=path.parent))
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:

@@ -201,7 +201,7 @@ def _build_torch(config: BackendConfig, weights: ExpertWeights, artifact: dict |
 
 @_builder("compiled")
 def _build_compiled(config: BackendConfig, weights: ExpertWeights, artifact: dict | None, meta: dict):
-    from .engines import CompiledExpert, activate_compile_cache, parse_buckets
+    from .engines.loaders import CompiledExpert, activate_compile_cache, parse_buckets
 
     model = load_torch_expert(weights, config)
     if artifact is not None:  # a compile cache from build-engines: a fresh process skips recompiling
@@ -214,7 +214,7 @@ def _build_compiled(config: BackendConfig, weights: ExpertWeights, artifact: dic
 @_builder("onnxruntime")
 def _build_onnx(config: BackendConfig, weights: ExpertWeights, artifact: dict | None, meta: dict):
     from .configs import DiTConfig
-    from .engines import OnnxExpert
+    from .engines.loaders import OnnxExpert
 
     path = Path(config.engines) / artifact["path"]
     return OnnxExpert(path / "model.onnx" if path.is_dir() else path, DiTConfig.from_json(weights.folder / "config.json"))
@@ -223,10 +223,10 @@ def _build_onnx(config: BackendConfig, weights: ExpertWeights, artifact: dict | 
 @_builder("tensorrt")
 def _build_tensorrt(config: BackendConfig, weights: ExpertWeights, artifact: dict | None, meta: dict):
     from .configs import DiTConfig
-    from .engines import TrtExpert
+    from .engines.loaders import TensorRTExpert
 
     path = Path(config.engines) / artifact["path"]
-    return TrtExpert(path / "model.plan" if path.is_dir() else path, DiTConfig.from_json(weights.folder / "config.json"))
+    return TensorRTExpert(path / "model.plan" if path.is_dir() else path, DiTConfig.from_json(weights.folder / "config.json"))
 
 
 # the engines-folder artifact each backend runs (besides the weights artifacts)
@@ -244,17 +244,20 @@ class ExpertsLoader:
     """Builds the {'high', 'low'} experts of a model kind for one BackendConfig.
 
     paths: `models.ModelPaths`; lora_config: `lora.LoraConfig` or None (from the file); engines_spec:
-    the `engines.BuildSpec` that `render --engines` describes, or None."""
+    the `engines.BuildSpec` that `render --engines` describes, or None; frame_num, max_memory_size:
+    the render's shot length and memory bound (the compiled backend's shape buckets)."""
 
-    def __init__(self, config: BackendConfig, paths, lora_config=None, engines_spec=None):
+    def __init__(self, config: BackendConfig, paths, lora_config=None, engines_spec=None, frame_num: int = 81,
+                 max_memory_size: int = 10):
         self.config, self.paths, self.lora_config, self.engines_spec = config, paths, lora_config, engines_spec
+        self.frame_num, self.max_memory_size = frame_num, max_memory_size
 
     def _records(self, kind: str, expert: str) -> tuple[Path | None, dict | None]:
         """(weights artifact folder or None, run artifact record or None); a stale artifact raises
         StaleEngineError naming what changed and the rebuild command."""
         if self.engines_spec is None:
             return None, None
-        from .engines import MissingEngineError, find_engine
+        from .engines.manifest import MissingEngineError, find_engine
 
         spec = dataclasses.replace(self.engines_spec, kind=kind)
         dev = self.config.device
@@ -303,9 +306,7 @@ class ExpertsLoader:
 
     def load(self, kind: str) -> dict:
         out = {}
-        spec = self.engines_spec
-        meta = {"max_memory_size": spec.max_memory_size if spec else 10,
-                "shot_frames": ((spec.frame_num if spec else 81) - 1) // 4 + 1}
+        meta = {"max_memory_size": self.max_memory_size, "shot_frames": (self.frame_num - 1) // 4 + 1}
         for e in EXPERTS:
             folder, record = self._records(kind, e)
             out[e] = builder(self.config.name)(self.config, self.weights(kind, e, folder), record, meta)

@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .configs import DiTConfig
+from .configs import DiTConfig, read_json
 from .errors import CheckpointError, download_hint
 
 log = logging.getLogger("storymem_rt")
@@ -58,7 +58,8 @@ Transform = Callable[[str, torch.Tensor], torch.Tensor]
 
 # ----------------------------------------------------------------------------- helpers
 
-def _fail(msg: str, kind: str | None) -> CheckpointError:
+def checkpoint_error(msg: str, kind: str | None) -> CheckpointError:
+    """CheckpointError(msg), followed by the download command of `kind` (t2v, i2v, lora) if any."""
     hint = download_hint(kind) if kind else ""
     return CheckpointError(f"{msg}; {hint}" if hint else msg)
 
@@ -123,14 +124,14 @@ def safetensors_files(folder: str | Path, kind: str | None = None) -> list[Path]
     if single.is_file():  # diffusers' order: the single file wins over an index
         return [single]
     if not index.is_file():
-        raise _fail(f"{folder}: neither {SAFETENSORS_NAME} nor {INDEX_NAME} is there", kind)
+        raise checkpoint_error(f"{folder}: neither {SAFETENSORS_NAME} nor {INDEX_NAME} is there", kind)
     weight_map = read_index(index, kind)
     files = []
     for name in dict.fromkeys(weight_map.values()):
         shard = folder / name
         if not shard.is_file():
             key = next(k for k, v in weight_map.items() if v == name)
-            raise _fail(f"{shard}: shard listed in {index.name} (for key {key!r}) is missing", kind)
+            raise checkpoint_error(f"{shard}: shard listed in {index.name} (for key {key!r}) is missing", kind)
         files.append(shard)
     return files
 
@@ -138,14 +139,14 @@ def safetensors_files(folder: str | Path, kind: str | None = None) -> list[Path]
 def read_index(index: str | Path, kind: str | None = None) -> dict[str, str]:
     """`weight_map` of a `*.safetensors.index.json`: key -> shard file name."""
     index = Path(index)
+    raw = read_json(index, "safetensors index", download_hint(kind) if kind else None)
     try:
-        raw = json.loads(index.read_text())
         weight_map = raw["weight_map"]
         if not isinstance(weight_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
             raise TypeError("weight_map must map keys to file names")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise _fail(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})", kind) from None
+    except (KeyError, TypeError) as e:
+        raise checkpoint_error(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})", kind) from None
     return weight_map
 
 
@@ -157,7 +158,7 @@ def _brief(e: BaseException) -> str:
 
 def _safetensors_error(path: Path, e: Exception, kind: str | None, key: str | None = None) -> CheckpointError:
     what = f" while reading key {key!r}" if key else ""
-    return _fail(f"{path}: truncated or corrupt safetensors file{what} ({_brief(e)})", kind)
+    return checkpoint_error(f"{path}: truncated or corrupt safetensors file{what} ({_brief(e)})", kind)
 
 
 def _in_file_order(path: Path, keys: list[str]) -> list[str]:
@@ -191,19 +192,19 @@ def iter_safetensors(
             with safe_open(path, framework="pt", device="cpu") as f:
                 keys = _in_file_order(path, list(f.keys()))
         except FileNotFoundError:
-            raise _fail(f"{path}: file is missing", kind) from None
+            raise checkpoint_error(f"{path}: file is missing", kind) from None
         except (SafetensorError, OSError) as e:
             raise _safetensors_error(path, e, kind) from None
         if index is not None:
             present = set(keys)
             for k, shard in index.items():
                 if shard == path.name and k not in present:
-                    raise _fail(f"{path}: the index lists key {k!r} in this shard but it is not there", kind)
+                    raise checkpoint_error(f"{path}: the index lists key {k!r} in this shard but it is not there", kind)
         handle, window = None, 0
         try:
             for key in keys:
                 if key in seen and seen[key] != path:
-                    raise _fail(f"{path}: key {key!r} is also in {seen[key]}", kind)
+                    raise checkpoint_error(f"{path}: key {key!r} is also in {seen[key]}", kind)
                 seen[key] = path
                 try:
                     if handle is None or window > _REOPEN_BYTES:
@@ -230,7 +231,7 @@ def read_torch_pth(path: str | Path, kind: str | None = None) -> dict[str, torch
     """
     path = Path(path)
     if not path.is_file():
-        raise _fail(f"{path}: file is missing", kind)
+        raise checkpoint_error(f"{path}: file is missing", kind)
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -244,17 +245,18 @@ def read_torch_pth(path: str | Path, kind: str | None = None) -> dict[str, torch
         lines = str(e).strip().splitlines()
         detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
         # first sentence only: torch goes on to suggest allow-listing the global, which we won't
-        raise _fail(f"{path}: {PICKLE_REFUSED} ({detail.strip().split('. ')[0][:160].rstrip('.')})", kind) from None
+        first = detail.strip().split(". ")[0][:160].rstrip(".")
+        raise checkpoint_error(f"{path}: {PICKLE_REFUSED} ({first})", kind) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         if "legacy .tar format" in str(e):
-            raise _fail(f"{path}: is in the legacy .tar format, which cannot be loaded safely (weights_only); "
-                        "re-save it with torch.save", kind) from None
-        raise _fail(f"{path}: truncated or corrupt torch file ({_brief(e)})", kind) from None
+            raise checkpoint_error(f"{path}: is in the legacy .tar format, which cannot be loaded safely "
+                                   "(weights_only); re-save it with torch.save", kind) from None
+        raise checkpoint_error(f"{path}: truncated or corrupt torch file ({_brief(e)})", kind) from None
     if not isinstance(obj, Mapping):
-        raise _fail(f"{path}: expected a state dict (a dict of tensors), found a {type(obj).__name__}", kind)
+        raise checkpoint_error(f"{path}: expected a state dict (a dict of tensors), found a {type(obj).__name__}", kind)
     for k, v in obj.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise _fail(f"{path}: entry {k!r} is not a tensor ({type(v).__name__}); {PICKLE_REFUSED}", kind)
+            raise checkpoint_error(f"{path}: entry {k!r} is not a tensor ({type(v).__name__}); {PICKLE_REFUSED}", kind)
     return dict(obj)
 
 
@@ -317,12 +319,12 @@ def load_module_streaming(
         key = rename_key(src_key, key_map)
         shown = src_key if key == src_key else f"{src_key} (as {key})"
         if key not in expected:
-            raise _fail(f"{where(src_key)}: unexpected key {shown!r} that the model does not have", kind)
+            raise checkpoint_error(f"{where(src_key)}: unexpected key {shown!r} that the model does not have", kind)
         if key in filled:
-            raise _fail(f"{where(src_key)}: key {shown!r} appears twice", kind)
+            raise checkpoint_error(f"{where(src_key)}: key {shown!r} appears twice", kind)
         if tuple(tensor.shape) != tuple(expected[key]):
-            raise _fail(f"{where(src_key)}: key {shown!r} has shape {list(tensor.shape)} but the model "
-                        f"expects {list(expected[key])}", kind)
+            raise checkpoint_error(f"{where(src_key)}: key {shown!r} has shape {list(tensor.shape)} but the model "
+                                   f"expects {list(expected[key])}", kind)
         t = tensor.to(device)
         if transform is not None:
             t = transform(key, t)
@@ -339,7 +341,7 @@ def load_module_streaming(
     missing = [k for k in expected if k not in filled]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise _fail(f"{source}: key {missing[0]!r}{more} is missing from the checkpoint", kind)
+        raise checkpoint_error(f"{source}: key {missing[0]!r}{more} is missing from the checkpoint", kind)
     persistent = set(expected)
     for name, buf in list(module.named_buffers()):
         if name not in persistent and buf is not None:
@@ -362,10 +364,10 @@ def read_fp8_config(folder: str | Path) -> dict | None:
     try:
         cfg = json.loads(p.read_text())
     except (OSError, ValueError) as e:
-        raise _fail(f"{p}: unreadable FP8 config ({e}); rebuild with storymem-rt build-engines --precision fp8",
+        raise checkpoint_error(f"{p}: unreadable FP8 config ({e}); rebuild with storymem-rt build-engines --precision fp8",
                     None) from None
     if not isinstance(cfg, dict) or cfg.get("format") != FP8_FORMAT or cfg.get("version") != FP8_VERSION:
-        raise _fail(f"{p}: not a {FP8_FORMAT} v{FP8_VERSION} folder; rebuild with storymem-rt build-engines "
+        raise checkpoint_error(f"{p}: not a {FP8_FORMAT} v{FP8_VERSION} folder; rebuild with storymem-rt build-engines "
                     f"--precision fp8", None)
     return cfg
 
@@ -390,14 +392,14 @@ def load_expert(
     folder = Path(folder)
     kind = guess_kind(folder)
     if not folder.is_dir():
-        raise _fail(f"{folder}: checkpoint folder does not exist", kind)
+        raise checkpoint_error(f"{folder}: checkpoint folder does not exist", kind)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
-        raise _fail(f"{cfg_path}: config.json is missing", kind)
+        raise checkpoint_error(f"{cfg_path}: config.json is missing", kind)
     try:
         config = DiTConfig.from_json(cfg_path)
     except CheckpointError as e:
-        raise _fail(str(e), kind) from None
+        raise checkpoint_error(str(e), kind) from None
     kind = config.model_type
     files = safetensors_files(folder, kind)
     index = read_index(folder / INDEX_NAME, kind) if files[0].name != SAFETENSORS_NAME else None
@@ -406,7 +408,7 @@ def load_expert(
     options = None
     if fp8 is not None:  # block linears are e4m3 with per-channel scales (storymem_rt.fp8)
         if lora is not None:
-            raise _fail(f"{folder}: an FP8 expert cannot take a LoRA merge; merge before quantizing", kind)
+            raise checkpoint_error(f"{folder}: an FP8 expert cannot take a LoRA merge; merge before quantizing", kind)
         options = DiTOptions(precision="fp8", fp8_activations="static" if fp8.get("input_scale") else "none")
     model = build_on_meta(lambda: WanDiT(config, options))
     transform = None
@@ -433,7 +435,7 @@ def load_expert(
         from .fp8 import block_linear_names
 
         if sorted(block_linear_names(model)) != sorted(fp8.get("quantized", [])):
-            raise _fail(f"{folder / FP8_CONFIG}: quantized layers do not match the model's block linears", kind)
+            raise checkpoint_error(f"{folder / FP8_CONFIG}: quantized layers do not match the model's block linears", kind)
         model.cast_(dtype)  # FP8 weights stay; bias and compute dtype follow `dtype`
     log.info("loaded %s expert from %s (%d tensors%s)", kind, folder, len(origins),
              f", LoRA {lora.path.name} merged" if lora is not None else "")

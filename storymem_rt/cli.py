@@ -19,6 +19,7 @@ import click
 from click.core import ParameterSource
 
 from . import __version__
+from .configs import DEFAULT_FRAME_NUM, DEFAULT_MAX_MEMORY, DEFAULT_SIZE, format_size
 from .errors import StoryError, StoryMemError
 from .script import SEED_POLICIES, MAX_SEED, MODES, PlanSettings, PlannedShot, load_story
 
@@ -264,12 +265,14 @@ def _explicit(ctx: click.Context, name: str) -> bool:
               "(reference: --lora_weight_path).")
 @click.option("--lora-rank", type=click.IntRange(1), default=None,
               help="LoRA rank, alpha = rank (reference: --lora_rank); default: read from the file.")
-@click.option("--size", default="832*480", show_default=True, help="WIDTH*HEIGHT of every shot (reference: --size).")
-@click.option("--frame-num", type=click.IntRange(5), default=81, show_default=True, help="Frames per shot, 4n+1.")
+@click.option("--size", default=format_size(DEFAULT_SIZE), show_default=True,
+              help="WIDTH*HEIGHT of every shot (reference: --size).")
+@click.option("--frame-num", type=click.IntRange(5), default=DEFAULT_FRAME_NUM, show_default=True,
+              help="Frames per shot, 4n+1.")
 @click.option("--sample-steps", type=click.IntRange(1), default=40, show_default=True)
 @click.option("--sample-solver", type=click.Choice(["unipc", "dpm++"]), default="unipc", show_default=True)
 @click.option("--sample-guide-scale", type=float, default=3.5, show_default=True)
-@click.option("--max-memory-size", type=click.IntRange(1), default=10, show_default=True,
+@click.option("--max-memory-size", type=click.IntRange(1), default=DEFAULT_MAX_MEMORY, show_default=True,
               help="Most memory frames a shot sees (reference: --max_memory_size).")
 @click.option("--fix", type=click.IntRange(0), default=3, show_default=True,
               help="The first N keyframes stay in memory (reference: --fix).")
@@ -370,7 +373,7 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
         raise click.UsageError(str(e)) from None
     engines = None
     if engines_dir is not None:
-        from .engines import BuildSpec
+        from .engines.manifest import BuildSpec
 
         if not (engines_dir / "manifest.json").is_file():
             raise click.BadParameter(f"{engines_dir} has no manifest.json: build it with storymem-rt build-engines "
@@ -391,7 +394,8 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
         raise click.UsageError(str(e)) from None
     model_set = ModelSet(paths, device=dev, lora_rank=lora_rank,
                          text_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
-                         resident=not offload, backend=backend_cfg, engines=engines)
+                         resident=not offload, backend=backend_cfg, engines=engines, frame_num=frame_num,
+                         max_memory_size=max_memory_size)
     clip = random_clip(seed=0, device=dev) if tiny and clip_weights is None else load_clip(clip_weights, device=dev)
     selector = KeyframeSelector(clip, default_quality_scorer(not no_quality_filter, device=dev),
                                 max_keyframes=settings.max_keyframes, device=dev)
@@ -421,9 +425,9 @@ def _print_summary(out_dir: Path, manifest: dict) -> None:
 @main.command()
 @click.option("--precision", type=click.Choice(["bf16", "fp8", "both"]), default="both", show_default=True,
               help="Which fast paths to time (fp8 alone still runs one bf16 forward for its error).")
-@click.option("--memory-frames", type=click.IntRange(0), default=10, show_default=True)
-@click.option("--size", default="832*480", show_default=True, help="WIDTH*HEIGHT of the shot.")
-@click.option("--frame-num", type=click.IntRange(5), default=81, show_default=True)
+@click.option("--memory-frames", type=click.IntRange(0), default=DEFAULT_MAX_MEMORY, show_default=True)
+@click.option("--size", default=format_size(DEFAULT_SIZE), show_default=True, help="WIDTH*HEIGHT of the shot.")
+@click.option("--frame-num", type=click.IntRange(5), default=DEFAULT_FRAME_NUM, show_default=True)
 @click.option("--layers", type=click.IntRange(1, 40), default=40, show_default=True,
               help="Blocks of the expert (40 is A14B; fewer for quick iteration).")
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed calls per row (median).")
@@ -489,9 +493,11 @@ def bench(precision, memory_frames, size, frame_num, layers, repeats, peer, full
 @click.option("--lora-rank", type=click.IntRange(1), default=None, help="LoRA rank, alpha = rank (default: from the file).")
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp8", "fp32"]), default="bf16", show_default=True,
               help="fp8: e4m3 block-linear weights, bf16 compute.")
-@click.option("--size", default="832*480", show_default=True, help="WIDTH*HEIGHT the engines are shaped for.")
-@click.option("--frame-num", type=click.IntRange(1), default=81, show_default=True, help="Frames per shot, 4n+1.")
-@click.option("--max-memory-size", type=click.IntRange(0), default=10, show_default=True,
+@click.option("--size", default=format_size(DEFAULT_SIZE), show_default=True,
+              help="WIDTH*HEIGHT the engines are shaped for.")
+@click.option("--frame-num", type=click.IntRange(1), default=DEFAULT_FRAME_NUM, show_default=True,
+              help="Frames per shot, 4n+1.")
+@click.option("--max-memory-size", type=click.IntRange(0), default=DEFAULT_MAX_MEMORY, show_default=True,
               help="Engines serve every memory size 0..this.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("engines"), show_default=True)
 @click.option("--backend", type=click.Choice(["torch", "tensorrt", "onnx", "all"]), default="torch", show_default=True,
@@ -513,14 +519,14 @@ def build_engines_cmd(models, lora, lora_rank, precision, size, frame_num, max_m
     """Turn upstream checkpoints into what `render` loads fast: the LoRA merged into the I2V
     experts, FP8 weights, ONNX graphs, TensorRT engines, torch compile caches, and
     OUT/manifest.json. Re-running with the same inputs is a no-op."""
+    from .engines.manifest import BuildSpec
     from .export.build import Builder
-    from .export.manifest import BuildSpec
 
     w_h = _parse_size(size)
     if (frame_num - 1) % 4:
         raise click.BadParameter(f"{frame_num} is not 4n+1 (e.g. 81)", param_hint="--frame-num")
     if torch_buckets:
-        from .export.torch_engines import parse_buckets
+        from .engines.loaders import parse_buckets
 
         try:
             parse_buckets(torch_buckets, max_memory_size)

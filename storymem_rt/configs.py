@@ -7,10 +7,46 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import CheckpointError
+
+# Shot shape and memory defaults of `render`, `build-engines` and `bench` (the reference's 480p
+# A14B setting; StoryMem's --max_memory_size defaults to 8 there, 10 here).
+DEFAULT_SIZE = (832, 480)  # (W, H) in pixels
+DEFAULT_FRAME_NUM = 81
+DEFAULT_MAX_MEMORY = 10
+
+
+def format_size(size) -> str:
+    """(832, 480) -> "832*480", the way --size spells it."""
+    return f"{size[0]}*{size[1]}"
+
+
+def read_json(path: str | Path, what: str, fix: str | None = None, *, error: type[Exception] = CheckpointError) -> Any:
+    """The parsed JSON of a sidecar file (config.json, fp8_config.json, storymem_tiny.json, a
+    manifest), or `error` with one sentence: the file, what is wrong with it, then `fix`."""
+    path = Path(path)
+    tail = f"; {fix}" if fix else ""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: {what} is missing{tail}") from None
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise error(f"{path}: {what} is not valid JSON ({e}){tail}") from None
+    except OSError as e:
+        raise error(f"{path}: {what} cannot be read ({e}){tail}") from None
+
+
+def user_cache_dir() -> Path:
+    """$STORYMEM_CACHE, else $XDG_CACHE_HOME/storymem-rt (~/.cache/storymem-rt): the tiny bundle,
+    working copies of compile caches."""
+    base = os.environ.get("STORYMEM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "storymem-rt")
+    return Path(base)
 
 # The reference's default negative prompt (Wan2.2 shared_config.py `sample_neg_prompt`).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -75,12 +111,7 @@ class DiTConfig:
         """Read an upstream `config.json`. `text_dim` defaults to 4096 when absent (the reference
         builds every expert with text_dim 4096 whatever the file says; we honour the file)."""
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: config.json is missing") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        raw = read_json(path, "config.json")
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in raw.items() if k in names}
         if "patch_size" in kw:
@@ -113,7 +144,7 @@ class SamplingConfig:
     boundary: float  # expert switch at boundary * num_train_timesteps
     sample_steps: int = 40
     guide_scale: tuple[float, float] = (3.5, 3.5)  # (low-noise expert, high-noise expert)
-    frame_num: int = 81
+    frame_num: int = DEFAULT_FRAME_NUM
     fps: int = 16
     num_train_timesteps: int = 1000
     solver: str = "unipc"
@@ -153,7 +184,7 @@ class T5Config:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "T5Config":
-        raw = json.loads(Path(path).read_text())
+        raw = read_json(path, "T5 config")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
 
@@ -175,7 +206,7 @@ class VAEConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "VAEConfig":
-        raw = json.loads(Path(path).read_text())
+        raw = read_json(path, "VAE config")
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in names}
         return cls(**kw)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import _fail, iter_safetensors, read_torch_pth
+from .checkpoint import checkpoint_error, iter_safetensors, read_torch_pth
 
 # `[base_model.model.]<module>.lora_{A,B}[.<adapter>].weight`: peft's saved layout (adapter
 # name stripped) and its in-memory layout (`lora_A.default.weight`).
@@ -83,12 +83,12 @@ class LoraWeights:
         for key, (a, b) in self.pairs.items():
             src = self.source_keys[key]
             if key not in shapes:
-                raise _fail(f"{self.path}: LoRA key {src!r} matches no weight of the model "
-                            f"(no {key!r})", "lora")
+                raise checkpoint_error(f"{self.path}: LoRA key {src!r} matches no weight of the model "
+                                       f"(no {key!r})", "lora")
             want = (b.shape[0], a.shape[1])
             if tuple(shapes[key]) != want:
-                raise _fail(f"{self.path}: LoRA key {src!r} implies weight shape {list(want)} but "
-                            f"{key!r} has shape {list(shapes[key])}", "lora")
+                raise checkpoint_error(f"{self.path}: LoRA key {src!r} implies weight shape {list(want)} but "
+                                       f"{key!r} has shape {list(shapes[key])}", "lora")
 
     def delta(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """scale * B @ A in float32 on `device`, or None when `key` is not a target."""
@@ -130,7 +130,7 @@ def merge_lora_into_state(state: Mapping[str, torch.Tensor], lora: "LoraWeights"
 
 def _read_raw(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise _fail(f"{path}: LoRA file is missing", "lora")
+        raise checkpoint_error(f"{path}: LoRA file is missing", "lora")
     if path.suffix == ".safetensors":
         return dict(iter_safetensors([path], kind="lora"))
     return read_torch_pth(path, kind="lora")
@@ -144,43 +144,44 @@ def parse_lora(raw: Mapping[str, torch.Tensor], path: str | Path, config: LoraCo
     for k, v in raw.items():
         m = _KEY.match(k)
         if m is None:
-            raise _fail(f"{path}: key {k!r} is not a LoRA lora_A/lora_B weight (DoRA, embedding and "
-                        f"bias adapters are not supported)", "lora")
+            raise checkpoint_error(f"{path}: key {k!r} is not a LoRA lora_A/lora_B weight (DoRA, embedding and "
+                                   f"bias adapters are not supported)", "lora")
         if m["adapter"]:
             adapters.add(m["adapter"])
             if len(adapters) > 1:
-                raise _fail(f"{path}: holds several adapters {sorted(adapters)} (key {k!r}); keep one", "lora")
+                raise checkpoint_error(f"{path}: holds several adapters {sorted(adapters)} (key {k!r}); keep one",
+                                       "lora")
         slot = halves.setdefault(m["module"] + ".weight", {})
         if m["ab"] in slot:
-            raise _fail(f"{path}: key {k!r} duplicates {slot[m['ab']][0]!r}", "lora")
+            raise checkpoint_error(f"{path}: key {k!r} duplicates {slot[m['ab']][0]!r}", "lora")
         if v.dim() != 2:
-            raise _fail(f"{path}: key {k!r} has shape {list(v.shape)}; only 2-D (linear) LoRA "
-                        f"weights are supported", "lora")
+            raise checkpoint_error(f"{path}: key {k!r} has shape {list(v.shape)}; only 2-D (linear) LoRA "
+                                   f"weights are supported", "lora")
         slot[m["ab"]] = (k, v)
     if not halves:
-        raise _fail(f"{path}: holds no LoRA weights", "lora")
+        raise checkpoint_error(f"{path}: holds no LoRA weights", "lora")
 
     pairs, source_keys, rank, rank_key, rank_shape = {}, {}, None, None, None
     for target, slot in halves.items():
         for ab in "AB":
             if ab not in slot:
                 other = slot["B" if ab == "A" else "A"][0]
-                raise _fail(f"{path}: key {other!r} has no matching lora_{ab} weight", "lora")
+                raise checkpoint_error(f"{path}: key {other!r} has no matching lora_{ab} weight", "lora")
         (ka, a), (kb, b) = slot["A"], slot["B"]
         if b.shape[1] != a.shape[0]:
-            raise _fail(f"{path}: key {kb!r} has shape {list(b.shape)} but {ka!r} has rank "
-                        f"{a.shape[0]}", "lora")
+            raise checkpoint_error(f"{path}: key {kb!r} has shape {list(b.shape)} but {ka!r} has rank "
+                                   f"{a.shape[0]}", "lora")
         if rank is None:
             rank, rank_key, rank_shape = a.shape[0], ka, list(a.shape)
         elif a.shape[0] != rank:
-            raise _fail(f"{path}: key {ka!r} has rank {a.shape[0]} but {rank_key!r} has rank {rank}; "
-                        f"per-module ranks are not supported", "lora")
+            raise checkpoint_error(f"{path}: key {ka!r} has rank {a.shape[0]} but {rank_key!r} has rank {rank}; "
+                                   f"per-module ranks are not supported", "lora")
         pairs[target], source_keys[target] = (a, b), ka
     if config is None:
         config = LoraConfig.storymem(rank)
     elif config.r != rank:
-        raise _fail(f"{path}: LoRA rank is {rank} (key {rank_key!r} has shape {rank_shape}) but "
-                    f"r={config.r} was given", "lora")
+        raise checkpoint_error(f"{path}: LoRA rank is {rank} (key {rank_key!r} has shape {rank_shape}) but "
+                               f"r={config.r} was given", "lora")
     return LoraWeights(path, config, pairs, source_keys)
 
 

@@ -12,14 +12,15 @@ name them one by one, as the reference's `--t2v_model_path`, `--i2v_model_path`,
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .configs import read_json
 from .errors import CheckpointError, download_hint
+from .tiny import TINY_META
 
 log = logging.getLogger("storymem_rt")
 
@@ -31,6 +32,7 @@ LORA_FILES = {"high": "backbone_high_noise", "low": "backbone_low_noise"}
 
 
 def find_lora_file(folder: Path, expert: str) -> Path:
+    """`backbone_{high,low}_noise.safetensors` (or `.pth`) in a StoryMem LoRA folder, or CheckpointError."""
     for ext in (".safetensors", ".pth"):
         p = folder / (LORA_FILES[expert] + ext)
         if p.is_file():
@@ -69,7 +71,7 @@ class ModelPaths:
         lists, LoRA files, the T5 checkpoint and tokenizer, the VAE. Headers and tensor shapes
         are checked later, while loading."""
         from .checkpoint import safetensors_files
-        from .text_encoder import _resolve_paths
+        from .text_encoder import resolve_paths
 
         wanted = []
         if need_t2v:
@@ -90,7 +92,7 @@ class ModelPaths:
                 for e in EXPERTS:
                     find_lora_file(d, e)
         shared = self.shared_dir()
-        _resolve_paths(shared, None)  # the T5 checkpoint and its tokenizer folder
+        resolve_paths(shared, None)  # the T5 checkpoint and its tokenizer folder
         if not (shared / VAE_FILE).is_file():
             raise CheckpointError(f"{shared / VAE_FILE} is missing; {download_hint('t2v', str(shared))}")
 
@@ -107,7 +109,7 @@ class ModelSet:
 
     def __init__(self, paths: ModelPaths, device="cpu", dtype=torch.float32, lora_rank: int | None = None,
                  lora_alpha: float | None = None, text_dtype=None, vae_dtype=torch.float32, resident: bool = True,
-                 backend=None, engines=None):
+                 backend=None, engines=None, frame_num: int = 81, max_memory_size: int = 10):
         from .backends import BackendConfig, ExpertsLoader
 
         self.paths = paths
@@ -122,7 +124,7 @@ class ModelSet:
         self.lora_alpha = lora_alpha
         self.resident = resident
         self.engines = engines
-        self.loader = ExpertsLoader(backend, paths, self.lora_config(), engines)
+        self.loader = ExpertsLoader(backend, paths, self.lora_config(), engines, frame_num, max_memory_size)
         self._experts: dict[str, dict] = {}
         self._text = None
         self._vae = None
@@ -172,5 +174,8 @@ class ModelSet:
 
 
 def read_tiny_meta(models: Path) -> dict | None:
-    p = Path(models) / "storymem_tiny.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    """`storymem_tiny.json` of a tiny bundle folder, None for any other folder."""
+    p = Path(models) / TINY_META
+    if not p.is_file():
+        return None
+    return read_json(p, "tiny bundle description", "rebuild it with storymem-rt make-tiny-models")

@@ -27,9 +27,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .configs import DEFAULT_NEGATIVE_PROMPT, SamplingConfig
+from .configs import (DEFAULT_FRAME_NUM, DEFAULT_MAX_MEMORY, DEFAULT_NEGATIVE_PROMPT, DEFAULT_SIZE, SamplingConfig,
+                      read_json)
 from .errors import StoryMemError
 from .script import PlannedShot, PlanSettings, Story
+from .shot import KNOWN_FRAMES
 
 log = logging.getLogger("storymem_rt")
 
@@ -46,8 +48,8 @@ class RenderSettings:
     """Everything that decides the pixels of a render (recorded in render.json and compared on resume)."""
 
     plan: PlanSettings
-    size: tuple[int, int] = (832, 480)  # (W, H)
-    frame_num: int = 81
+    size: tuple[int, int] = DEFAULT_SIZE  # (W, H)
+    frame_num: int = DEFAULT_FRAME_NUM
     sample_steps: int = 40
     solver: str = "unipc"
     guide_scale: tuple[float, float] = (3.5, 3.5)
@@ -56,7 +58,7 @@ class RenderSettings:
     m2v_shift: float = 4.0
     m2v_boundary: float = 0.9
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    max_memory_size: int = 10
+    max_memory_size: int = DEFAULT_MAX_MEMORY
     fix: int = 3
     max_keyframes: int = 3
     keyframe_threshold: float = 0.9
@@ -76,7 +78,7 @@ class RenderSettings:
             raise ValueError(f"--max-memory-size must be >= 1, got {self.max_memory_size}")
         if not 0 <= self.fix <= self.max_memory_size:
             raise ValueError(f"--fix must be between 0 and --max-memory-size ({self.max_memory_size}), got {self.fix}")
-        known = 5 if self.plan.mm2v else 1
+        known = KNOWN_FRAMES["mm2v" if self.plan.mm2v else "mi2v"]
         if self.frame_num <= known:
             raise ValueError(f"--frame-num {self.frame_num} leaves no new frames after {known} known frame(s)")
 
@@ -167,14 +169,15 @@ class MemoryBank:
 # --------------------------------------------------------------------------- helpers
 
 
-def _to_uint8(video: torch.Tensor) -> torch.Tensor:
+def to_uint8(video: torch.Tensor) -> torch.Tensor:
     """[3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3], rounding as the reference's save_video."""
     from .media import video_to_uint8
 
     return torch.from_numpy(video_to_uint8(video))
 
 
-def _uint8_to_float(frames: torch.Tensor, device) -> torch.Tensor:
+def uint8_to_float(frames: torch.Tensor, device) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1] (what the reference reads back from disk)."""
     from .media import frames_to_float
 
     return frames_to_float(frames, device)
@@ -222,10 +225,7 @@ class StoryRenderer:
         settings = self.settings.to_json()
         shots = [s.to_json() for s in plan]
         if p.is_file():
-            try:
-                old = json.loads(p.read_text())
-            except json.JSONDecodeError:
-                raise StoryMemError(f"{p}: not valid JSON; delete the output folder or pick another --out") from None
+            old = read_json(p, "render manifest", "delete the output folder or pick another --out", error=StoryMemError)
             diffs = _diff_settings(old.get("settings", {}), settings)
             if old.get("plan") != shots:
                 diffs.append("the story's shot plan changed")
@@ -287,7 +287,7 @@ class StoryRenderer:
 
     def add_keyframes(self, bank: MemoryBank, shot_id: str, frames_u8: torch.Tensor) -> list[int]:
         """Select keyframes of a finished shot (uint8 [F, H, W, 3]) and push them into the bank."""
-        frames = _uint8_to_float(frames_u8, self.device)
+        frames = uint8_to_float(frames_u8, self.device)
         res = self.selector.select(frames, bank.embeddings())
         idx = list(res.indices)
         if idx:
@@ -357,7 +357,7 @@ class StoryRenderer:
             if spec.known_frames:
                 if last_frames is None:
                     raise StoryMemError(f"shot {shot.id} continues the previous shot but none was rendered")
-                known = _uint8_to_float(last_frames[-spec.known_frames:], self.device)
+                known = uint8_to_float(last_frames[-spec.known_frames:], self.device)
             memory_ids = [e.source for e in bank.active()] if kind == "m2v" else []
             mem = bank.latents() if kind == "m2v" else None
             if kind == "m2v" and mem is None:
@@ -377,7 +377,7 @@ class StoryRenderer:
             t.update(res.timings)
             video = res.video[:, spec.known_frames:]  # MI2V drops 1 frame, MM2V 5 (StoryMem pipeline.py)
             t0 = time.perf_counter()
-            frames_u8 = _to_uint8(video)
+            frames_u8 = to_uint8(video)
             write_video(self.out / f"{shot.id}.mp4", frames_u8, fps=s.fps)
             t["write"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -385,7 +385,7 @@ class StoryRenderer:
             for j, i in enumerate(picked):
                 save_image(self.out / f"{shot.id}_keyframe{j}.png", frames_u8[i])
             t["keyframes"] = time.perf_counter() - t0
-            last_frames = frames_u8[-5:].cpu().clone()
+            last_frames = frames_u8[-max(KNOWN_FRAMES.values()):].cpu().clone()
             done[shot.id] = {"index": shot.index, "mode": shot.mode, "seed": shot.seed, "prompt": shot.prompt,
                              "memory": memory_ids, "keyframes": [f"{shot.id}:{i}" for i in picked],
                              "frames": int(frames_u8.shape[0]), "video": f"{shot.id}.mp4",

@@ -27,7 +27,6 @@ through `from_pretrained`; Wan runs every weight in the checkpoint dtype and so 
 from __future__ import annotations
 
 import html
-import json
 import logging
 import re
 from pathlib import Path
@@ -36,7 +35,7 @@ import ftfy
 import torch
 from torch import Tensor
 
-from .configs import T5Config
+from .configs import T5Config, read_json
 from .errors import CheckpointError, download_hint
 
 logger = logging.getLogger("storymem_rt.text_encoder")
@@ -148,7 +147,8 @@ def _load_torch_state(path: Path) -> dict[str, Tensor]:
     return read_torch_pth(path, kind="t2v")
 
 
-def _resolve_paths(folder_or_pth: str | Path, tokenizer_dir: str | Path | None) -> tuple[Path, Path]:
+def resolve_paths(folder_or_pth: str | Path, tokenizer_dir: str | Path | None) -> tuple[Path, Path]:
+    """(T5 checkpoint, tokenizer folder) of a checkpoint folder or file; CheckpointError if either is missing."""
     p = Path(folder_or_pth)
     pth = p / T5_CHECKPOINT if p.is_dir() else p
     hint = download_hint("t2v", str(pth.parent))
@@ -170,10 +170,7 @@ def _read_config(pth: Path) -> T5Config:
         f = pth.parent / name
         if not f.is_file():
             continue
-        try:
-            raw = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+        raw = read_json(f, name)
         if "vocab" in raw:
             try:
                 return T5Config.from_json(f)
@@ -207,7 +204,7 @@ class TextEncoder:
         """
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        pth, tok_dir = _resolve_paths(folder_or_pth, tokenizer_dir)
+        pth, tok_dir = resolve_paths(folder_or_pth, tokenizer_dir)
         cfg = _read_config(pth)
         device = torch.device(device)
 

@@ -18,19 +18,19 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from .configs import DiTConfig, T5Config, VAEConfig
+from .atomic import atomic_dir
+from .configs import DiTConfig, T5Config, VAEConfig, user_cache_dir
 
 log = logging.getLogger("storymem_rt")
 
 TINY_FORMAT = 1
+TINY_META = "storymem_tiny.json"  # marks a folder as a tiny bundle (models.read_tiny_meta)
 TINY_DIT = dict(dim=128, ffn_dim=256, freq_dim=32, text_dim=64, num_heads=2, num_layers=2)
 TINY_T5 = T5Config(vocab=512, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2, num_buckets=32)
 TINY_VAE = VAEConfig(dim=8)
@@ -196,9 +196,7 @@ def make_tiny_models(out_dir: str | Path, seed: int = 0, overwrite: bool = False
         if not overwrite:
             raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True or pick another folder")
         shutil.rmtree(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         for name, model_type, in_dim in (("Wan2.2-T2V-A14B", "t2v", 16), ("Wan2.2-I2V-A14B", "i2v", 36)):
             root = tmp / name
             cfg = DiTConfig(model_type=model_type, in_dim=in_dim, **TINY_DIT)
@@ -213,11 +211,7 @@ def make_tiny_models(out_dir: str | Path, seed: int = 0, overwrite: bool = False
             _write_shared(root, seed)
         meta = {"format": TINY_FORMAT, "seed": seed, "dit": TINY_DIT, "lora": TINY_LORA,
                 "render_defaults": {**TINY_RENDER_DEFAULTS, "size": list(TINY_RENDER_DEFAULTS["size"])}}
-        (tmp / "storymem_tiny.json").write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / TINY_META).write_text(json.dumps(meta, indent=2))
     log.info("wrote tiny model bundle to %s", out_dir)
     return out_dir
 
@@ -227,14 +221,12 @@ def hash_str(s: str) -> int:
 
 
 def tiny_cache_dir() -> Path:
-    base = os.environ.get("STORYMEM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "storymem-rt")
-    return Path(base) / f"tiny-v{TINY_FORMAT}"
+    return user_cache_dir() / f"tiny-v{TINY_FORMAT}"
 
 
 def ensure_tiny_models(seed: int = 0) -> Path:
     """The tiny bundle in the user cache, built once (deterministic, so every machine gets the same)."""
     d = tiny_cache_dir()
-    if (d / "storymem_tiny.json").is_file():
+    if (d / TINY_META).is_file():
         return d
     return make_tiny_models(d, seed=seed, overwrite=True)

@@ -13,12 +13,11 @@ latent `[B, z_dim, (F-1)//4 + 1, H/8, W/8]` normalised as `(mu - mean) / std`.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
-from .configs import VAEConfig
+from .configs import VAEConfig, read_json
 from .errors import CheckpointError, download_hint
 
 VAE_FILENAME = "Wan2.1_VAE.pth"
@@ -264,10 +263,7 @@ def _sidecar_config(path: Path) -> tuple[Path, VAEConfig] | None:
         p = path.parent / name
         if not p.is_file():
             continue
-        try:
-            raw = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{p}: not valid JSON ({e})") from None
+        raw = read_json(p, name)
         if name == "config.json" and not {"z_dim", "dim_mult"} <= set(raw):
             continue  # some other model's config
         try:

@@ -1,12 +1,17 @@
-"""Shared test fixtures: where the golden fixtures live, and tolerances."""
+"""Shared test fixtures and helpers: where the golden fixtures live, tolerances, the tiny bundle
+cache, inline stories, CLI runs, refusals and environment changes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+from storymem_rt.errors import CheckpointError
 
 # Triton reads TRITON_INTERPRET when it is imported, and the DiT imports our kernels (so Triton) with
 # it: on a machine without CUDA, every test process imports Triton in interpreter mode. Whether a
@@ -69,6 +74,24 @@ def _deterministic():
     yield
 
 
+@contextlib.contextmanager
+def env(**values: str | None) -> Iterator[None]:
+    """Set (or, with None, unset) environment variables for the block; restore them after."""
+    def apply(vals):
+        for k, v in vals.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        apply(values)
+        yield
+    finally:
+        apply(old)
+
+
 @pytest.fixture(scope="session")
 def storymem_cache(tmp_path_factory):
     """A session-wide STORYMEM_CACHE holding the tiny bundle, built once (subprocesses inherit
@@ -76,11 +99,69 @@ def storymem_cache(tmp_path_factory):
     from storymem_rt.tiny import ensure_tiny_models
 
     cache = tmp_path_factory.getbasetemp() / "storymem-cache"
-    old = os.environ.get("STORYMEM_CACHE")
-    os.environ["STORYMEM_CACHE"] = str(cache)
-    ensure_tiny_models()
-    yield cache
-    if old is None:
-        os.environ.pop("STORYMEM_CACHE", None)
+    with env(STORYMEM_CACHE=str(cache)):
+        ensure_tiny_models()
+        yield cache
+
+
+# --------------------------------------------------------------------------- stories and the CLI
+
+def inline_story(*scenes, name: str = "Inline", overview: str = "A test story.") -> dict:
+    """A story script (ST-Bench schema); each scene is (prompts, cuts) or (prompts, cuts, first-frame prompts)."""
+    out = []
+    for i, (prompts, cuts, *first) in enumerate(scenes, 1):
+        scene = {"scene_num": i, "video_prompts": list(prompts)}
+        if first:
+            scene["first_frame_prompt"] = list(first[0])
+        scene["cut"] = list(cuts)
+        out.append(scene)
+    return {"story_name": name, "story_overview": overview, "scenes": out}
+
+
+def write_story(folder: Path, data, name: str = "story.json") -> Path:
+    """`data` (a dict as JSON, or raw str / bytes) written to folder/name."""
+    p = Path(folder) / name
+    if isinstance(data, bytes):
+        p.write_bytes(data)
+    elif isinstance(data, str):
+        p.write_text(data)
     else:
-        os.environ["STORYMEM_CACHE"] = old
+        p.write_text(json.dumps(data, indent=2))
+    return p
+
+
+def cli(*args, catch_exceptions: bool = False):
+    """`storymem-rt ARGS...` in this process (click's CliRunner); returns the click Result."""
+    from click.testing import CliRunner
+
+    from storymem_rt.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=catch_exceptions)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def refused(match: str, fn, *args, error: type[Exception] = CheckpointError, **kw) -> str:
+    """fn(*args, **kw) raises `error` whose message contains `match`; returns the message."""
+    with pytest.raises(error) as ei:
+        fn(*args, **kw)
+    msg = str(ei.value)
+    assert match in msg, msg
+    return msg
+
+
+class CodePayload:
+    """Pickles to a call that creates `marker`: a checkpoint carrying it must be refused unrun."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def run_dit(model, case: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One expert forward on a golden DiT case (x, t, context[, y]; unbatched), no grad."""
+    with torch.no_grad():
+        y = case["y"][None] if "y" in case else None
+        return model(case["x"][None], case["t"], case["context"][None], y)[0]

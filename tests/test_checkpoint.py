@@ -3,7 +3,6 @@ checkpoint is refused with a sentence naming the file (and key)."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -25,9 +24,8 @@ from storymem_rt.checkpoint import (
     read_torch_pth,
     safetensors_files,
 )
-from storymem_rt.errors import CheckpointError
 
-from conftest import rel_err
+from conftest import CodePayload, refused, rel_err, run_dit
 
 EXPERTS = [(k, e) for k in ("t2v", "i2v") for e in ("high_noise_model", "low_noise_model")]
 SHARDED, SINGLE = "high_noise_model", "low_noise_model"
@@ -47,12 +45,6 @@ def source_state(folder: Path) -> dict[str, torch.Tensor]:
     for f in safetensors_files(folder):
         out.update(load_file(f))
     return out
-
-
-def run_dit(model, case: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        y = case["y"][None] if "y" in case else None
-        return model(case["x"][None], case["t"], case["context"][None], y)[0]
 
 
 # ----------------------------------------------------------------------------- golden loads
@@ -134,12 +126,13 @@ def test_legacy_pth_without_zip_loads(tmp_path):
 
 # ----------------------------------------------------------------------------- refusals
 
-def refused(match: str, fn, *args, **kw) -> str:
-    with pytest.raises(CheckpointError) as ei:
-        fn(*args, **kw)
-    msg = str(ei.value)
-    assert match in msg, msg
-    return msg
+def rewrite_shard_of(folder: Path, key: str, edit) -> Path:
+    """edit(state) applied to the shard of a sharded expert that the index says holds `key`."""
+    shard = folder / json.loads((folder / INDEX_NAME).read_text())["weight_map"][key]
+    sd = load_file(shard)
+    edit(sd)
+    save_file(sd, shard)
+    return shard
 
 
 def rewrite_single(folder: Path, edit) -> Path:
@@ -199,12 +192,8 @@ def test_wrong_shape(golden, tmp_path):
 
 def test_wrong_shape_in_shard_names_shard(golden, tmp_path):
     folder = copy_expert(golden, "t2v", SHARDED, tmp_path)
-    index = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
     key = "blocks.1.ffn.2.weight"
-    shard = folder / index[key]
-    sd = load_file(shard)
-    sd[key] = sd[key][:, :-2].contiguous()
-    save_file(sd, shard)
+    shard = rewrite_shard_of(folder, key, lambda sd: sd.__setitem__(key, sd[key][:, :-2].contiguous()))
     msg = refused("has shape", load_expert, folder)
     assert str(shard) in msg and key in msg
 
@@ -219,12 +208,8 @@ def test_missing_key(golden, tmp_path):
 
 def test_index_key_absent_from_its_shard(golden, tmp_path):
     folder = copy_expert(golden, "t2v", SHARDED, tmp_path)
-    index = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
     key = "blocks.1.modulation"
-    shard = folder / index[key]
-    sd = load_file(shard)
-    del sd[key]
-    save_file(sd, shard)
+    shard = rewrite_shard_of(folder, key, lambda sd: sd.pop(key))
     msg = refused("not there", load_expert, folder)
     assert str(shard) in msg and key in msg
 
@@ -249,22 +234,14 @@ def test_duplicate_key_across_shards(golden, tmp_path):
     assert str(second) in msg and key in msg
 
 
-class _Pwn:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 @pytest.mark.parametrize("fmt", ["zip", "raw-pickle"])
 def test_pickle_with_code_is_refused(tmp_path, fmt):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     if fmt == "zip":
-        torch.save({"blocks.0.self_attn.q.weight": torch.zeros(2, 2), "x": _Pwn(marker)}, path)
+        torch.save({"blocks.0.self_attn.q.weight": torch.zeros(2, 2), "x": CodePayload(marker)}, path)
     else:  # a bare pickle goes through torch.load's legacy path
-        path.write_bytes(pickle.dumps({"x": _Pwn(marker)}, protocol=2))
+        path.write_bytes(pickle.dumps({"x": CodePayload(marker)}, protocol=2))
     msg = refused("refused: file contains code/objects; only plain tensors are allowed", read_torch_pth, path)
     assert str(path) in msg
     assert not marker.exists()

@@ -8,25 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from storymem_rt.cli import main
+from conftest import REPO, STBENCH_FILES, cli, inline_story, write_story
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-from conftest import STBENCH_FILES  # noqa: E402  (the stbench fixture lives there too)
-
-
-INLINE = {
-    "story_name": "Inline",
-    "story_overview": "A test story.",
-    "scenes": [
-        {"scene_num": 1, "video_prompts": ["a1", "a2", "a3"], "first_frame_prompt": ["f1", "f2", "f3"],
-         "cut": [True, False, True]},
-        {"scene_num": 2, "video_prompts": ["b1", "b2"], "cut": [True, False]},
-    ],
-}
+INLINE = inline_story((["a1", "a2", "a3"], [True, False, True], ["f1", "f2", "f3"]),
+                      (["b1", "b2"], [True, False]))
 
 
 def invoke(args, cwd: Path):
@@ -34,7 +20,7 @@ def invoke(args, cwd: Path):
     old = os.getcwd()
     os.chdir(cwd)
     try:
-        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+        return cli(*args, catch_exceptions=True)
     finally:
         os.chdir(old)
 
@@ -45,17 +31,6 @@ def dirs(tmp_path):
     inp.mkdir()
     cwd.mkdir()
     return inp, cwd
-
-
-def write(inp: Path, data, name="story.json") -> Path:
-    p = inp / name
-    if isinstance(data, bytes):
-        p.write_bytes(data)
-    elif isinstance(data, str):
-        p.write_text(data)
-    else:
-        p.write_text(json.dumps(data, indent=2))
-    return p
 
 
 def ok(result):
@@ -88,7 +63,7 @@ def test_validate_example_stories(tmp_path):
 
 def test_validate_json_plan(dirs):
     inp, cwd = dirs
-    p = write(inp, INLINE)
+    p = write_story(inp, INLINE)
     r = ok(invoke(["validate", p, "--json", "--mi2v", "--seed", "7"], cwd))
     assert json.loads(r.stdout) == {"shots": [
         {"scene": 1, "shot": 1, "mode": "t2v", "seed": 7, "cut": True, "prompt": "a1"},
@@ -109,7 +84,7 @@ def test_validate_json_plan(dirs):
 ])
 def test_validate_options(dirs, args, modes, seeds):
     inp, cwd = dirs
-    p = write(inp, INLINE)
+    p = write_story(inp, INLINE)
     shots = json.loads(ok(invoke(["validate", p, "--json", *args], cwd)).stdout)["shots"]
     assert [s["mode"] for s in shots] == modes
     assert [s["seed"] for s in shots] == seeds
@@ -117,8 +92,8 @@ def test_validate_options(dirs, args, modes, seeds):
 
 def test_validate_reference_images(dirs):
     inp, cwd = dirs
-    p = write(inp, INLINE)
-    imgs = [write(inp, b"", f"ref{i}.png") for i in range(3)]
+    p = write_story(inp, INLINE)
+    imgs = [write_story(inp, b"", f"ref{i}.png") for i in range(3)]
     # One flag, several values; the story path may come after them.
     for args in (["validate", p, "--json", "--reference-images", *imgs],
                  ["validate", "--json", "--reference-images", *imgs, p],
@@ -132,7 +107,7 @@ def test_validate_text_output(dirs):
     inp, cwd = dirs
     data = copy.deepcopy(INLINE)
     data["scenes"][1]["video_prompts"][0] = "A very long prompt\nthat goes on " + "and on " * 30
-    p = write(inp, data)
+    p = write_story(inp, data)
     out = ok(invoke(["validate", p, "--mi2v"], cwd)).stdout.splitlines()
     assert out[0] == f'{p}: "Inline": 2 scenes, 5 shots'
     rows = {line.split()[0]: line.split() for line in out[2:-1]}
@@ -146,7 +121,7 @@ def test_validate_warns_on_stderr(dirs):
     inp, cwd = dirs
     data = copy.deepcopy(INLINE)
     data["scenes"][1]["cut"][0] = "False"
-    p = write(inp, data)
+    p = write_story(inp, data)
     r = ok(invoke(["validate", p, "--json", "--mi2v"], cwd))
     assert json.loads(r.stdout)["shots"][3]["mode"] == "mi2v"
     assert r.stderr.startswith("warning: ") and "scenes[1].cut[0]" in r.stderr
@@ -155,7 +130,7 @@ def test_validate_warns_on_stderr(dirs):
 
 def test_verbose_flag(dirs):
     inp, cwd = dirs
-    p = write(inp, {"scenes": [{"scene_num": 1, "video_prompts": ["a"]}]})
+    p = write_story(inp, {"scenes": [{"scene_num": 1, "video_prompts": ["a"]}]})
     r = ok(invoke(["-vv", "validate", p], cwd))
     assert "debug: " in r.stderr and "scenes[0].cut" in r.stderr
     r = ok(invoke(["validate", p], cwd))
@@ -247,7 +222,7 @@ def _stbench_base() -> Path | None:
 def _check_broken(base: dict, mutate, expected, dirs):
     inp, cwd = dirs
     data = mutate(copy.deepcopy(base))
-    p = write(inp, data)
+    p = write_story(inp, data)
     r = invoke(["validate", p], cwd)
     assert r.exit_code == 2, r.output
     assert isinstance(r.exception, SystemExit)  # click's exit, not an escaped exception
@@ -301,8 +276,8 @@ def test_missing_file_and_folder(dirs):
 ])
 def test_usage_errors(dirs, args, expected):
     inp, cwd = dirs
-    p = write(inp, INLINE)
-    ref = write(inp, b"", "ref.png")
+    p = write_story(inp, INLINE)
+    ref = write_story(inp, b"", "ref.png")
     args = [str(ref) if a == "REF" else a for a in args]
     r = invoke(["validate", p, *args], cwd)
     assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
@@ -331,7 +306,7 @@ def test_usage_error_before_reading_the_story(dirs):
 
 def test_overflowing_seed_is_a_usage_error(dirs):
     inp, cwd = dirs
-    p = write(inp, INLINE)
+    p = write_story(inp, INLINE)
     r = invoke(["validate", p, "--seed", str(2**63 - 1)], cwd)
     assert r.exit_code == 2 and isinstance(r.exception, SystemExit) and "seed" in r.stderr
 

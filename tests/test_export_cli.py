@@ -11,29 +11,17 @@ import textwrap
 
 import pytest
 import torch
-from click.testing import CliRunner
-
-from storymem_rt.cli import main
-from storymem_rt.export.manifest import Manifest
+from conftest import cli
+from storymem_rt.engines.manifest import Manifest
 
 INSTALL = "install storymem-rt[tensorrt] (TensorRT 10+) on a machine with an NVIDIA GPU"
 TINY_SHAPE = ["--size", "224*128", "--frame-num", "17", "--max-memory-size", "3"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    """STORYMEM_CACHE in a temp folder: `--models tiny` builds the bundle there, not in ~/.cache."""
-    old = os.environ.get("STORYMEM_CACHE")
-    os.environ["STORYMEM_CACHE"] = str(tmp_path_factory.mktemp("storymem-cache"))
-    yield
-    if old is None:
-        os.environ.pop("STORYMEM_CACHE", None)
-    else:
-        os.environ["STORYMEM_CACHE"] = old
-
-
-def cli(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+def tiny_cache(storymem_cache):
+    """`--models tiny` finds the session's tiny bundle (conftest), not one in ~/.cache."""
+    return storymem_cache
 
 
 def test_build_engines_onnx_fp8_then_noop_then_doctor(tmp_path):
@@ -71,8 +59,8 @@ def test_tensorrt_backend_fails_cleanly_before_building(tmp_path, backend):
         pytest.skip("TensorRT is installed here")
     except ImportError:
         pass
-    r = CliRunner().invoke(main, ["build-engines", "--models", "tiny", "--backend", backend, *TINY_SHAPE,
-                                  "--out", str(tmp_path / "engines")])
+    r = cli("build-engines", "--models", "tiny", "--backend", backend, *TINY_SHAPE, "--out", tmp_path / "engines",
+            catch_exceptions=True)
     assert r.exit_code == 1
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: TensorRT is not available") and lines[0].endswith(INSTALL)
@@ -92,10 +80,11 @@ def test_torch_compile_cache_artifact_gives_cache_hits_in_a_fresh_process(tmp_pa
     merged = out / Manifest(out).slot("merged", "m2v", "high")[0]["path"] / "high_noise_model"
     script = textwrap.dedent(f"""
         import json, time, torch
-        from storymem_rt.export.torch_engines import activate_compile_cache, CompiledExpert, sample_call
+        from storymem_rt.engines.loaders import activate_compile_cache, CompiledExpert
+        from storymem_rt.export.torch_engines import sample_call
         activate_compile_cache({str(out / rec['path'])!r}, work_dir={str(tmp_path / 'work')!r})
         from storymem_rt.checkpoint import load_expert
-        from storymem_rt.export.onnx_export import token_grid
+        from storymem_rt.engines.graph import token_grid
         m = load_expert({str(merged)!r})
         g = token_grid((96, 64), 5, m.config)
         call = sample_call(m.config, g.latent_frames, g.h, g.w, 1, 2, "cpu")
@@ -120,8 +109,9 @@ def test_torch_compile_cache_artifact_gives_cache_hits_in_a_fresh_process(tmp_pa
 @pytest.mark.skipif(os.environ.get("STORYMEM_TEST_AOTI") != "1", reason="opt-in: STORYMEM_TEST_AOTI=1 (35 s of C++)")
 def test_aoti_package_serves_memory_sizes(golden, tmp_path):
     from storymem_rt.checkpoint import load_expert
-    from storymem_rt.export.onnx_export import token_grid
-    from storymem_rt.export.torch_engines import AotiExpert, build_aoti_package, sample_call
+    from storymem_rt.engines.graph import token_grid
+    from storymem_rt.engines.loaders import AotiExpert
+    from storymem_rt.export.torch_engines import build_aoti_package, sample_call
 
     m = load_expert(golden / "tiny-i2v" / "high_noise_model")
     path = build_aoti_package(m, (96, 64), 5, 2, tmp_path / "model.pt2")

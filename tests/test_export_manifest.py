@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from storymem_rt.configs import DiTConfig
-from storymem_rt.export.build import Builder, engine_request, find_engine
-from storymem_rt.export.manifest import (ArtifactRequest, BuildSpec, HashCache, Manifest, MissingEngineError,
-                                         StaleEngineError, check_artifact)
-from storymem_rt.export.onnx_export import token_grid
+from storymem_rt.engines.graph import token_grid
+from storymem_rt.engines.manifest import (ArtifactRequest, BuildSpec, HashCache, Manifest, MissingEngineError,
+                                          StaleEngineError, check_artifact, engine_request, find_engine)
+from storymem_rt.export.build import Builder
 from storymem_rt.export.tensorrt_build import ENGINE_NAME, plan_engine, profile_shapes
 from storymem_rt.tiny import make_tiny_models
 

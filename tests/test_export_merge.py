@@ -9,11 +9,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import rel_err
+from conftest import rel_err, run_dit
 from storymem_rt.checkpoint import load_expert
+from storymem_rt.engines.manifest import BuildSpec, Manifest
 from storymem_rt.errors import CheckpointError
 from storymem_rt.export.build import Builder
-from storymem_rt.export.manifest import BuildSpec, Manifest
 from storymem_rt.export.merge import merge_expert
 from storymem_rt.lora import load_lora
 
@@ -47,9 +47,7 @@ def test_merged_experts_equal_goldens_and_rerun_is_noop(golden, tmp_path):
         assert (merged_dir / "config.json").read_text() == (src / "config.json").read_text()
         model = load_expert(merged_dir)  # no LoRA: it is in the weights
         case = load_file(golden / f"dit-m2v-lora-{expert}.safetensors")
-        with torch.no_grad():
-            out = model(case["x"][None], case["t"], case["context"][None], case["y"][None])[0]
-        err = rel_err(out, case["out"])
+        err = rel_err(run_dit(model, case), case["out"])
         print(f"merged m2v/{expert} vs golden: rel err {err:.2e}")
         assert err <= 1e-5
         # Bit-identical to merging while loading (same float32 math, stored in the file's dtype).

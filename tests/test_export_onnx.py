@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 from conftest import rel_err
 from storymem_rt.checkpoint import load_expert
 from storymem_rt.export.fp8 import calibrate_input_amax, quantize_model
-from storymem_rt.export.onnx_export import (DATA_NAME, OPSET, DiTContract, OnnxExpert, export_onnx, graph_inputs,
-                                            graph_summary, patchify, unpatchify)
+from storymem_rt.engines.graph import DiTContract, graph_inputs, patchify, unpatchify
+from storymem_rt.engines.loaders import OnnxExpert
+from storymem_rt.export.onnx_export import DATA_NAME, OPSET, export_onnx, graph_summary
 from storymem_rt.lora import load_lora
 
 EXPERT = "high_noise_model"

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 from pathlib import Path
 
 import peft
@@ -14,9 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conftest import rel_err
+from conftest import CodePayload, refused, rel_err, run_dit
 from storymem_rt.checkpoint import build_on_meta, load_expert, load_module_streaming, read_torch_pth
-from storymem_rt.errors import CheckpointError
 from storymem_rt.lora import STORYMEM_TARGETS, LoraConfig, LoraWeights, load_lora, merge_lora_into_state
 
 EXPERTS = [("high_noise_model", "high"), ("low_noise_model", "low")]
@@ -53,9 +51,7 @@ def test_merged_lora_matches_reference(golden, golden_manifest, base_i2v, expert
 
     model = load_expert(golden / "tiny-i2v" / expert, lora=lora)
     case = load_file(golden / f"dit-m2v-lora-{expert}.safetensors")
-    with torch.no_grad():
-        out = model(case["x"][None], case["t"], case["context"][None], case["y"][None])[0]
-    err = rel_err(out, case["out"])
+    err = rel_err(run_dit(model, case), case["out"])
     print(f"m2v-lora/{expert} rel_err {err:.2e}")
     assert err <= 1e-5
 
@@ -105,14 +101,6 @@ def test_key_variants_accepted(golden, tmp_path, rename):
 
 
 # ----------------------------------------------------------------------------- refusals
-
-def refused(match: str, fn, *args, **kw) -> str:
-    with pytest.raises(CheckpointError) as ei:
-        fn(*args, **kw)
-    msg = str(ei.value)
-    assert match in msg, msg
-    return msg
-
 
 def edited_lora(golden: Path, tmp_path: Path, edit, tag: str = "high") -> Path:
     raw = dict(read_torch_pth(lora_path(golden, tag)))
@@ -174,17 +162,9 @@ def test_two_adapters_are_refused(golden, tmp_path):
     assert str(path) in refused("several adapters", load_lora, path)
 
 
-class _Pwn:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_lora_pickle_with_code_is_refused(golden, tmp_path):
     marker = tmp_path / "pwned"
-    path = edited_lora(golden, tmp_path, lambda raw: raw.__setitem__("evil", _Pwn(marker)))
+    path = edited_lora(golden, tmp_path, lambda raw: raw.__setitem__("evil", CodePayload(marker)))
     msg = refused("refused: file contains code/objects; only plain tensors are allowed", load_lora, path)
     assert str(path) in msg and "Kevin-thu/StoryMem" in msg
     assert not marker.exists()

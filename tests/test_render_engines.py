@@ -3,26 +3,14 @@ from __future__ import annotations
 
 import shutil
 
-import av
-import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from storymem_rt.cli import main
+from conftest import cli
+from storymem_rt.media import read_video
 
 REPO_STORY = "story/harbor_morning.json"
 SMALL = ["--size", "96*64", "--frame-num", "9", "--max-memory-size", "4"]
-
-
-def _frames(path):
-    with av.open(str(path)) as c:
-        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
-
-
-def _run(args):
-    r = CliRunner().invoke(main, args)
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +25,8 @@ def bundle(tmp_path_factory, storymem_cache):
 @pytest.fixture(scope="module")
 def engines(bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("eng") / "engines"
-    r = _run(["build-engines", "--models", str(bundle), "--precision", "fp32", "--backend", "onnx",
-              "--out", str(out), *SMALL])
+    r = cli("build-engines", "--models", bundle, "--precision", "fp32", "--backend", "onnx", "--out", out, *SMALL,
+            catch_exceptions=True)
     assert r.exit_code == 0, r.output
     return out
 
@@ -46,8 +34,8 @@ def engines(bundle, tmp_path_factory):
 def _render(bundle, out, extra=()):
     from storymem_rt.configs import DiTConfig  # noqa: F401  (import torch-heavy modules once)
 
-    return _run(["render", REPO_STORY, "--models", str(bundle), "--mi2v", "--sample-steps", "2", "--no-progress",
-                 "--out", str(out), *SMALL, *extra])
+    return cli("render", REPO_STORY, "--models", bundle, "--mi2v", "--sample-steps", "2", "--no-progress",
+               "--out", out, *SMALL, *extra, catch_exceptions=True)
 
 
 def test_render_with_engines_equals_render_without(bundle, engines, tmp_path, monkeypatch):
@@ -56,8 +44,8 @@ def test_render_with_engines_equals_render_without(bundle, engines, tmp_path, mo
     assert a.exit_code == 0, a.output
     b = _render(bundle, tmp_path / "b")
     assert b.exit_code == 0, b.output
-    fa, fb = _frames(tmp_path / "a" / "Harbor_Morning.mp4"), _frames(tmp_path / "b" / "Harbor_Morning.mp4")
-    assert fa.shape == fb.shape and (fa == fb).all()
+    fa, fb = read_video(tmp_path / "a" / "Harbor_Morning.mp4"), read_video(tmp_path / "b" / "Harbor_Morning.mp4")
+    assert torch.equal(fa, fb)
 
 
 def test_stale_engine_refused_before_anything_is_written(bundle, engines, tmp_path, monkeypatch):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
 
@@ -11,22 +10,11 @@ from storymem_rt.errors import StoryError
 from storymem_rt.script import (MODES, PlannedShot, PlanSettings, Scene, Story, load_story, parse_story,
                                 plan_shots)
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-from conftest import STBENCH_FILES  # noqa: E402  (the stbench fixture lives there too)
-
+from conftest import REPO, STBENCH_FILES, inline_story
 
 # Scene 1: cut, no cut, cut.  Scene 2: cut, no cut.  Scene 3 starts without a cut, then a cut.
-INLINE = {
-    "story_name": "Inline",
-    "story_overview": "A test story.",
-    "scenes": [
-        {"scene_num": 1, "video_prompts": ["a1", "a2", "a3"], "cut": [True, False, True]},
-        {"scene_num": 2, "video_prompts": ["b1", "b2"], "cut": [True, False]},
-        {"scene_num": 3, "video_prompts": ["c1", "c2"], "cut": [False, True]},
-    ],
-}
+INLINE = inline_story((["a1", "a2", "a3"], [True, False, True]), (["b1", "b2"], [True, False]),
+                      (["c1", "c2"], [False, True]))
 
 
 def _story(data=None) -> Story:

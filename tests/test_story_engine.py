@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
-from storymem_rt.cli import main
+from conftest import cli, inline_story, write_story
 from storymem_rt.media import probe_video, read_video
 from storymem_rt.story import MemoryBank, MemoryEntry
 
@@ -33,29 +32,16 @@ SMALL = ["--size", "96*64", "--sample-steps", "3", "--no-quality-filter", "--no-
 # models that stops exercising the window fails loudly instead of passing vacuously).
 STORY3_ARGS = ["--mi2v", "--frame-num", "5", "--max-memory-size", "1", "--fix", "0", *SMALL]
 
-STORY3 = {
-    "story_name": "Three Shots",
-    "story_overview": "T2V, MI2V without a cut, M2V with a cut.",
-    "scenes": [
-        {"scene_num": 1, "video_prompts": ["a red boat on the sea at dawn",
-                                           "the old man walks on the beach toward the boat"],
-         "cut": [True, False]},
-        {"scene_num": 2, "video_prompts": ["a lighthouse tower at night in the rain"], "cut": [True]},
-    ],
-}
-STORY2_CONT = {  # shot 2 continues shot 1 (MM2V / MI2V)
-    "story_name": "Two Shots",
-    "story_overview": "A shot and its continuation.",
-    "scenes": [{"scene_num": 1, "video_prompts": ["a red boat on the sea at dawn",
-                                                  "the boat sails into the harbor"],
-                "cut": [True, False]}],
-}
-STORY3_CUTS = {
-    "story_name": "Reference Story",
-    "story_overview": "Three shots with cuts.",
-    "scenes": [{"scene_num": 1, "video_prompts": ["the keeper climbs the stairs", "the lamp glows",
-                                                  "a boat in the harbor"], "cut": [True, True, True]}],
-}
+STORY3 = inline_story(
+    (["a red boat on the sea at dawn", "the old man walks on the beach toward the boat"], [True, False]),
+    (["a lighthouse tower at night in the rain"], [True]),
+    name="Three Shots", overview="T2V, MI2V without a cut, M2V with a cut.")
+STORY2_CONT = inline_story(  # shot 2 continues shot 1 (MM2V / MI2V)
+    (["a red boat on the sea at dawn", "the boat sails into the harbor"], [True, False]),
+    name="Two Shots", overview="A shot and its continuation.")
+STORY3_CUTS = inline_story(
+    (["the keeper climbs the stairs", "the lamp glows", "a boat in the harbor"], [True, True, True]),
+    name="Reference Story", overview="Three shots with cuts.")
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -64,9 +50,8 @@ STORY3_CUTS = {
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, storymem_cache) -> Path:
     d = tmp_path_factory.mktemp("story_engine")
-    (d / "story3.json").write_text(json.dumps(STORY3))
-    (d / "story2_cont.json").write_text(json.dumps(STORY2_CONT))
-    (d / "story3_cuts.json").write_text(json.dumps(STORY3_CUTS))
+    for name, data in (("story3.json", STORY3), ("story2_cont.json", STORY2_CONT), ("story3_cuts.json", STORY3_CUTS)):
+        write_story(d, data, name)
     return d
 
 
@@ -79,10 +64,6 @@ def _run_cli_subprocess(story: Path, out: Path, args: list[str]) -> subprocess.C
                        timeout=300, env=dict(os.environ))
     assert r.returncode == 0, f"render failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
     return r
-
-
-def _invoke(args: list[str]):
-    return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +194,7 @@ def test_three_shot_story(baseline):
 
 def test_mm2v_run(work):
     out = work / "mm2v"
-    r = _invoke(["render", str(work / "story2_cont.json"), "--out", str(out), "--mm2v", "--frame-num", "9", *SMALL])
+    r = cli("render", str(work / "story2_cont.json"), "--out", str(out), "--mm2v", "--frame-num", "9", *SMALL)
     assert r.exit_code == 0, r.output
     m = _check_outputs(out, frame_num=9)
     assert [m["shots"][k]["mode"] for k in ("01_01", "01_02")] == ["t2v", "mm2v"]
@@ -236,8 +217,8 @@ def _make_reference_images(folder: Path) -> tuple[Path, Path]:
 def test_reference_images_run(work):
     a, b = _make_reference_images(work)
     out = work / "refs"
-    r = _invoke(["render", str(work / "story3_cuts.json"), "--out", str(out), "--reference-images", str(a), str(b),
-                 "--frame-num", "5", "--fix", "2", "--max-memory-size", "3", *SMALL])
+    r = cli("render", str(work / "story3_cuts.json"), "--out", str(out), "--reference-images", str(a), str(b),
+            "--frame-num", "5", "--fix", "2", "--max-memory-size", "3", *SMALL)
     assert r.exit_code == 0, r.output
     m = _check_outputs(out, frame_num=5)
     assert m["settings"]["plan"]["first_shot"] == "m2v"
@@ -258,8 +239,8 @@ def test_reference_images_with_one_name_stay_apart(work):
     b2 = work / "other" / "a.png"
     b2.write_bytes(b.read_bytes())
     out = work / "refs-same-name"
-    r = _invoke(["render", str(work / "story3_cuts.json"), "--out", str(out), "--reference-images", str(a), str(b2),
-                 "--frame-num", "5", *SMALL])
+    r = cli("render", str(work / "story3_cuts.json"), "--out", str(out), "--reference-images", str(a), str(b2),
+            "--frame-num", "5", *SMALL)
     assert r.exit_code == 0, r.output
     m = json.loads((out / "render.json").read_text())
     assert m["shots"]["01_01"]["memory"] == ["ref:1:a.png", "ref:2:a.png"]
@@ -330,7 +311,7 @@ def test_resume_refuses_other_settings(work, baseline, change, what):
         args = [a for a in STORY3_ARGS if a != "--mi2v"]
     else:
         args = STORY3_ARGS + change
-    r = CliRunner().invoke(main, ["render", str(work / "story3.json"), "--out", str(baseline), *args])
+    r = cli("render", work / "story3.json", "--out", baseline, *args, catch_exceptions=True)
     assert r.exit_code == 1, r.output
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: ") and "different settings" in lines[0], r.stderr
@@ -341,7 +322,7 @@ def test_resume_refuses_other_settings(work, baseline, change, what):
 # --------------------------------------------------------------------------- bad input
 
 
-EMPTY_SCENES = {"story_name": "x", "story_overview": "y", "scenes": []}
+EMPTY_SCENES = inline_story(name="x", overview="y")
 
 
 def _file(d: Path, name: str, text: str) -> str:
@@ -426,7 +407,7 @@ def test_bad_input_writes_nothing(work, bad_models, case, tmp_path, monkeypatch)
             args += [opt, value]
     args.append("--no-progress")
     models_before = {k: _tree(root) for k, (root, _) in bad_models.items()} if name.startswith("models") else {}
-    r = CliRunner().invoke(main, ["render", *args])
+    r = cli("render", *args, catch_exceptions=True)
     assert r.exit_code == code, (r.exit_code, r.output)
     assert "Traceback" not in r.output
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error")]

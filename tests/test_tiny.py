@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
+from conftest import cli
 from storymem_rt.checkpoint import load_expert
-from storymem_rt.cli import main
 from storymem_rt.lora import load_lora
 from storymem_rt.text_encoder import TextEncoder
 from storymem_rt.tiny import make_tiny_models
@@ -66,9 +65,9 @@ def test_every_checkpoint_loads(bundle):
 
 
 def test_cli_make_tiny_models(tmp_path):
-    r = CliRunner().invoke(main, ["make-tiny-models", str(tmp_path / "m")])
+    r = cli("make-tiny-models", tmp_path / "m", catch_exceptions=True)
     assert r.exit_code == 0, r.output
     meta = json.loads((tmp_path / "m" / "storymem_tiny.json").read_text())
     assert meta["render_defaults"]["frame_num"] % 4 == 1
-    r = CliRunner().invoke(main, ["make-tiny-models", str(tmp_path / "m")])
+    r = cli("make-tiny-models", tmp_path / "m", catch_exceptions=True)
     assert r.exit_code == 2 and "--overwrite" in r.output

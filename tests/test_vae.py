@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import rel_err
+from conftest import CodePayload, rel_err
 from storymem_rt.configs import VAEConfig
 from storymem_rt.errors import CheckpointError
 from storymem_rt.vae import (
@@ -190,18 +190,10 @@ def test_truncated_file(tmp_path, tiny_pth):
     assert str(bad) in str(e.value) and _hint_ok(str(e.value))
 
 
-class _Payload:
-    def __init__(self, marker: pathlib.Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (self.marker,))
-
-
 def test_pickle_with_code_is_refused(tmp_path):
     marker = tmp_path / "ran"
     bad = tmp_path / VAE_FILENAME
-    torch.save({"encoder.conv1.weight": torch.zeros(1), "x": _Payload(marker)}, bad)
+    torch.save({"encoder.conv1.weight": torch.zeros(1), "x": CodePayload(marker)}, bad)
     with pytest.raises(CheckpointError, match="refused"):
         WanVAE.from_checkpoint(bad)
     assert not marker.exists()
