@@ -140,7 +140,7 @@ def denoise(experts, spec: ShotSpec, noise: torch.Tensor, generator: torch.Gener
                   boundary=s.boundary, num_train_timesteps=s.num_train_timesteps, dtype=dtype, progress=progress, **kw)
 
 
-def _synced(device) -> float:
+def synced_clock(device) -> float:
     """perf_counter after the device's queued work is done (stage timings that are true on a GPU)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -190,14 +190,14 @@ def generate_shot(experts: dict, vae, spec: ShotSpec, context: torch.Tensor, con
             raise ValueError(f"{spec.mode} shot needs {k} known frame(s) of the previous shot")
         shape = shot_latent_shape(spec, memory_size, stride)
         lat_h, lat_w = shape[2], shape[3]
-        t0 = _synced(device)
+        t0 = synced_clock(device)
         if k and not (spec.mode == "mi2v" and spec.reference_mi2v_bug):
             u = vae.encode(condition_video(resize_frames(known, spec.size), fnum, spec.size, device))[0]
         elif cond_latent is not None:
             u = cond_latent
         else:
             u = vae.encode(condition_video(None, fnum, spec.size, device))[0]
-        timings["vae_encode"] = _synced(device) - t0
+        timings["vae_encode"] = synced_clock(device) - t0
         msk = build_mask(memory_size, fnum, k, lat_h, lat_w, device=device, vae_stride_t=stride[0])
         y = torch.cat([msk, torch.cat([memory_latents.to(device, torch.float32), u.float()], dim=1)], dim=0)
         noise, g = draw_noise(spec.seed, shape, device)
@@ -209,10 +209,10 @@ def generate_shot(experts: dict, vae, spec: ShotSpec, context: torch.Tensor, con
             frame_pos = torch.arange(-memory_size, t_lat)  # host positions: RoPE tables are built on the host
         else:
             frame_pos = torch.arange(memory_size + t_lat)
-    t0 = _synced(device)
+    t0 = synced_clock(device)
     latent = denoise(experts, spec, noise, g, context, context_null, y, frame_pos, dtype, progress, cfg, **sampling)
-    timings["dit"] = _synced(device) - t0
+    timings["dit"] = synced_clock(device) - t0
     t0 = time.perf_counter()
     video = vae.decode(latent[None, :, memory_size:])[0].float()
-    timings["vae_decode"] = _synced(device) - t0
+    timings["vae_decode"] = synced_clock(device) - t0
     return ShotResult(latent=latent, video=video, timings=timings)

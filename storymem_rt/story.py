@@ -317,7 +317,10 @@ class StoryRenderer:
 
     def render(self, story: Story, plan: list[PlannedShot]) -> dict:
         from .media import concat_videos, remove_stale_temp_files, save_image, storyboard, write_video
-        from .shot import ShotSpec, generate_shot
+        from .shot import ShotSpec, generate_shot, synced_clock
+
+        def clock() -> float:  # stage timings at synchronized points: true on a GPU
+            return synced_clock(self.device)
 
         s = self.settings
         manifest = self._load_manifest(story, plan)
@@ -326,19 +329,19 @@ class StoryRenderer:
         timings_total: dict[str, float] = {}
         contexts = {}
         if todo:
-            t0 = time.perf_counter()
+            t0 = clock()
             # The whole plan, even on resume: the encoder's batches (and so the last bits of
             # each prompt's states) must be those of an uninterrupted render.
             contexts = self.encode_prompts(plan)
             self.models.free_text_encoder()
-            timings_total["text_encode"] = time.perf_counter() - t0
+            timings_total["text_encode"] = clock() - t0
             # Read every weight the first shot needs before the output folder exists: a corrupt
             # checkpoint must not leave a half-made render behind.
-            t0 = time.perf_counter()
+            t0 = clock()
             self.models.preflight({"t2v" if p.mode == "t2v" else "m2v" for p in todo})
             self.models.vae
             self.models.experts("t2v" if todo[0].mode == "t2v" else "m2v")
-            timings_total["load"] = time.perf_counter() - t0
+            timings_total["load"] = clock() - t0
         self.out.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(self.out)
         if done:
@@ -363,9 +366,9 @@ class StoryRenderer:
             if kind == "m2v" and mem is None:
                 raise StoryMemError(f"shot {shot.id} is M2V but the memory bank is empty")
             t = {}
-            t0 = time.perf_counter()
+            t0 = clock()
             experts = self.models.experts(kind)
-            t["load"] = time.perf_counter() - t0
+            t["load"] = clock() - t0
             cond = self.cond_latent(s.size, s.frame_num) if kind == "m2v" else None
             steps = _bar(total=s.sample_steps, desc=f"shot {shot.id} ({shot.mode})", enabled=self.progress,
                          leave=False)
@@ -376,15 +379,15 @@ class StoryRenderer:
             steps.close()
             t.update(res.timings)
             video = res.video[:, spec.known_frames:]  # MI2V drops 1 frame, MM2V 5 (StoryMem pipeline.py)
-            t0 = time.perf_counter()
+            t0 = clock()
             frames_u8 = to_uint8(video)
             write_video(self.out / f"{shot.id}.mp4", frames_u8, fps=s.fps)
-            t["write"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
+            t["write"] = clock() - t0
+            t0 = clock()
             picked = self.add_keyframes(bank, shot.id, frames_u8)
             for j, i in enumerate(picked):
                 save_image(self.out / f"{shot.id}_keyframe{j}.png", frames_u8[i])
-            t["keyframes"] = time.perf_counter() - t0
+            t["keyframes"] = clock() - t0
             last_frames = frames_u8[-max(KNOWN_FRAMES.values()):].cpu().clone()
             done[shot.id] = {"index": shot.index, "mode": shot.mode, "seed": shot.seed, "prompt": shot.prompt,
                              "memory": memory_ids, "keyframes": [f"{shot.id}:{i}" for i in picked],
@@ -399,7 +402,7 @@ class StoryRenderer:
         # Final story video: exactly this story's shots, in plan order.
         shots = [self.out / done[p.id]["video"] for p in plan]
         final = self.out / f"{_slug(story.name)}.mp4"
-        t0 = time.perf_counter()
+        t0 = clock()
         concat_videos(shots, final, fps=s.fps)
         rows = []
         by_source = {e.source: e for e in bank.entries}
@@ -410,7 +413,7 @@ class StoryRenderer:
             thumbs = [by_source[k].thumb for k in done[p.id]["keyframes"] if k in by_source]
             rows.append((f"{p.id} {p.mode}", thumbs))
         storyboard(rows, self.out / "storyboard.png")
-        timings_total["final"] = time.perf_counter() - t0
+        timings_total["final"] = clock() - t0
         manifest["final"] = {"video": final.name, "storyboard": "storyboard.png",
                              "frames": sum(done[p.id]["frames"] for p in plan)}
         manifest["timings_this_run"] = {k: round(v, 4) for k, v in timings_total.items()}

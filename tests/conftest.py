@@ -106,6 +106,18 @@ def storymem_cache(tmp_path_factory):
 
 # --------------------------------------------------------------------------- stories and the CLI
 
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, storymem_cache) -> Path:
+    """A copy of the tiny bundle for one test module (its tests may edit or break files in it)."""
+    import shutil
+
+    from storymem_rt.tiny import ensure_tiny_models
+
+    dst = tmp_path_factory.mktemp("bundle") / "models"
+    shutil.copytree(ensure_tiny_models(), dst)
+    return dst
+
+
 def inline_story(*scenes, name: str = "Inline", overview: str = "A test story.") -> dict:
     """A story script (ST-Bench schema); each scene is (prompts, cuts) or (prompts, cuts, first-frame prompts)."""
     out = []

@@ -4,7 +4,6 @@ of backend options is one message, exit 2, nothing written."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -22,15 +21,6 @@ SMALL = ["--size", "96*64", "--frame-num", "9", "--max-memory-size", "4", "--sam
 
 def _run(args):
     return CliRunner().invoke(main, args)
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory, storymem_cache):
-    from storymem_rt.tiny import ensure_tiny_models
-
-    dst = tmp_path_factory.mktemp("bundle") / "models"
-    shutil.copytree(ensure_tiny_models(), dst)
-    return dst
 
 
 @pytest.fixture(scope="module")

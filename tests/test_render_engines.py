@@ -1,7 +1,6 @@
 """`render --engines`: the artifacts of `build-engines` feed the renderer, and stale ones are refused."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
@@ -11,15 +10,6 @@ from storymem_rt.media import read_video
 
 REPO_STORY = "story/harbor_morning.json"
 SMALL = ["--size", "96*64", "--frame-num", "9", "--max-memory-size", "4"]
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory, storymem_cache):
-    from storymem_rt.tiny import ensure_tiny_models
-
-    dst = tmp_path_factory.mktemp("bundle") / "models"
-    shutil.copytree(ensure_tiny_models(), dst)
-    return dst
 
 
 @pytest.fixture(scope="module")
