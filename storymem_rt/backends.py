@@ -172,13 +172,15 @@ class ExpertWeights:
     folder: Path
     lora: object | None = None  # storymem_rt.lora.LoraWeights
     fp8: bool = False
+    distill: tuple[Path, float] | None = None  # a few-step distill LoRA file and its strength (preview)
 
 
 def load_torch_expert(weights: ExpertWeights, config: BackendConfig) -> nn.Module:
     """A WanDiT on the device computing as the backend says (`DiTOptions`)."""
     from .checkpoint import load_expert
 
-    model = load_expert(weights.folder, device=config.device, dtype=config.dtype, lora=weights.lora)
+    model = load_expert(weights.folder, device=config.device, dtype=config.dtype, lora=weights.lora,
+                        distill=weights.distill)
     return model.convert_(config.dit_options())
 
 
@@ -245,12 +247,17 @@ class ExpertsLoader:
 
     paths: `models.ModelPaths`; lora_config: `lora.LoraConfig` or None (from the file); engines_spec:
     the `engines.BuildSpec` that `render --engines` describes, or None; frame_num, max_memory_size:
-    the render's shot length and memory bound (the compiled backend's shape buckets)."""
+    the render's shot length and memory bound (the compiled backend's shape buckets); distill: preview's
+    few-step LoRAs, {'t2v' | 'm2v': {'high': file, 'low': file}}, merged at `distill_strength`."""
 
     def __init__(self, config: BackendConfig, paths, lora_config=None, engines_spec=None, frame_num: int = 81,
-                 max_memory_size: int = 10):
+                 max_memory_size: int = 10, distill: dict | None = None, distill_strength: float = 1.0):
         self.config, self.paths, self.lora_config, self.engines_spec = config, paths, lora_config, engines_spec
         self.frame_num, self.max_memory_size = frame_num, max_memory_size
+        self.distill, self.distill_strength = distill, distill_strength
+        if distill is not None and config.name in ("onnxruntime", "tensorrt"):
+            raise BackendError(f"preview merges its distill LoRA into the experts as they load; --backend "
+                               f"{config.name} runs prebuilt graphs without it: use a torch backend")
 
     def _records(self, kind: str, expert: str) -> tuple[Path | None, dict | None]:
         """(weights artifact folder or None, run artifact record or None); a stale artifact raises
@@ -287,8 +294,11 @@ class ExpertsLoader:
         from .lora import load_lora
         from .models import find_lora_file
 
+        distill = None
+        if self.distill is not None:
+            distill = (Path(self.distill[kind][expert]), self.distill_strength)
         if folder is not None:
-            return ExpertWeights(folder, fp8=self.engines_spec.precision == "fp8")
+            return ExpertWeights(folder, fp8=self.engines_spec.precision == "fp8", distill=distill)
         root = self.paths.t2v if kind == "t2v" else self.paths.i2v
         if root is None:
             from .errors import download_hint
@@ -302,7 +312,7 @@ class ExpertsLoader:
 
                 raise CheckpointError(f"M2V needs the StoryMem LoRA; {download_hint('lora')}")
             lora = load_lora(find_lora_file(self.paths.lora, expert), self.lora_config)
-        return ExpertWeights(root / EXPERTS[expert], lora=lora)
+        return ExpertWeights(root / EXPERTS[expert], lora=lora, distill=distill)
 
     def load(self, kind: str) -> dict:
         out = {}

@@ -377,11 +377,13 @@ def load_expert(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     lora=None,
+    distill: tuple[str | Path, float] | None = None,
 ) -> nn.Module:
     """One Wan2.2 expert (`high_noise_model/` or `low_noise_model/`) as a `WanDiT` in eval mode.
     An FP8 artifact folder (with `fp8_config.json`) loads with e4m3 block linears (`dtype`: their
     compute dtype).
 
+    `distill`: (a few-step distill LoRA's .safetensors, strength), merged first (storymem_rt.distill).
     `lora`: a `storymem_rt.lora.LoraWeights` (or a path to a LoRA file, read with its rank
     inferred and alpha = r, rslora on: StoryMem's convention) merged into its target weights
     as they stream (W += scale * B @ A in float32 before the cast), so the merged expert never
@@ -412,11 +414,18 @@ def load_expert(
         options = DiTOptions(precision="fp8", fp8_activations="static" if fp8.get("input_scale") else "none")
     model = build_on_meta(lambda: WanDiT(config, options))
     transform = None
-    if lora is not None:
-        from .lora import LoraWeights, load_lora
+    if lora is not None and isinstance(lora, (str, Path)):
+        from .lora import load_lora
 
-        if not isinstance(lora, LoraWeights):
-            lora = load_lora(lora)
+        lora = load_lora(lora)
+    if distill is not None:  # a few-step distill LoRA (path, strength), merged before StoryMem's
+        from .distill import LoraStack, load_distill_lora
+
+        if fp8 is not None:
+            raise checkpoint_error(f"{folder}: an FP8 expert cannot take a distill LoRA merge; use bf16 "
+                                   f"artifacts or the upstream weights for preview", kind)
+        lora = LoraStack([load_distill_lora(distill[0], set(model.state_dict(keep_vars=True)), distill[1]), lora])
+    if lora is not None:
         shapes = {k: v.shape for k, v in model.state_dict(keep_vars=True).items()}
         lora.check_targets(shapes)  # refuse before streaming gigabytes
         lora.reset_used()

@@ -149,10 +149,20 @@ class SamplingConfig:
     num_train_timesteps: int = 1000
     solver: str = "unipc"
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    step_list: tuple[int, ...] | None = None  # solver "distill": the timesteps of its steps (1000, 750, ...)
+    boundary_step: int | None = None  # switch experts after this many steps (None: at boundary * 1000)
+    guided: tuple[str, ...] = ("high", "low")  # experts that run classifier-free guidance
 
     def __post_init__(self):
-        if self.solver not in ("unipc", "dpm++"):
-            raise ValueError(f"solver must be 'unipc' or 'dpm++', got {self.solver!r}")
+        if self.solver not in ("unipc", "dpm++", "distill"):
+            raise ValueError(f"solver must be 'unipc', 'dpm++' or 'distill', got {self.solver!r}")
+        if self.solver == "distill" and self.step_list is not None and len(self.step_list) != self.sample_steps:
+            raise ValueError(f"the distill step list {list(self.step_list)} has {len(self.step_list)} steps, "
+                             f"sample_steps is {self.sample_steps}")
+        if self.boundary_step is not None and not 0 <= self.boundary_step <= self.sample_steps:
+            raise ValueError(f"boundary_step must be within 0..{self.sample_steps}, got {self.boundary_step}")
+        if not set(self.guided) <= {"high", "low"}:
+            raise ValueError(f"guided experts must be among 'high', 'low'; got {list(self.guided)}")
         if not 0.0 < self.boundary < 1.0:
             raise ValueError(f"boundary must be in (0, 1), got {self.boundary}")
         if self.sample_steps < 1:

@@ -109,7 +109,8 @@ class ModelSet:
 
     def __init__(self, paths: ModelPaths, device="cpu", dtype=torch.float32, lora_rank: int | None = None,
                  lora_alpha: float | None = None, text_dtype=None, vae_dtype=torch.float32, resident: bool = True,
-                 backend=None, engines=None, frame_num: int = 81, max_memory_size: int = 10):
+                 backend=None, engines=None, frame_num: int = 81, max_memory_size: int = 10,
+                 distill: dict | None = None, distill_strength: float = 1.0):
         from .backends import BackendConfig, ExpertsLoader
 
         self.paths = paths
@@ -124,7 +125,8 @@ class ModelSet:
         self.lora_alpha = lora_alpha
         self.resident = resident
         self.engines = engines
-        self.loader = ExpertsLoader(backend, paths, self.lora_config(), engines, frame_num, max_memory_size)
+        self.loader = ExpertsLoader(backend, paths, self.lora_config(), engines, frame_num, max_memory_size,
+                                    distill, distill_strength)
         self._experts: dict[str, dict] = {}
         self._text = None
         self._vae = None

@@ -50,6 +50,7 @@ class Guidance:
     scale_low: float = 3.5
     scale_high: float = 3.5
     cfg: str = "batched"
+    guided: tuple[str, ...] = ("high", "low")  # the other experts run the conditional branch alone
 
     def __post_init__(self):
         if self.cfg not in CFG_MODES:
@@ -57,6 +58,9 @@ class Guidance:
 
     def scale(self, expert: str) -> float:
         return self.scale_high if expert == "high" else self.scale_low
+
+    def mode(self, expert: str) -> str:
+        return self.cfg if expert in self.guided else "off"
 
 
 class GuidedStep:
@@ -151,16 +155,22 @@ def expert_at(t: float, boundary: float, num_train_timesteps: int = 1000) -> str
 def sample(experts, scheduler, noise: Tensor, generator, context: Tensor, context_null: Tensor | None,
            y: Tensor | None, frame_pos, guidance: Guidance, *, boundary: float, num_train_timesteps: int = 1000,
            dtype: torch.dtype | None = None, cuda_graph: bool = False, progress=None,
-           check_sync: bool = False, check_finite: bool = True, step_factory=GuidedStep) -> Tensor:
+           check_sync: bool = False, check_finite: bool = True, step_factory=GuidedStep,
+           boundary_step: int | None = None, counts: dict | None = None) -> Tensor:
     """Denoise `noise` [C, T, h, w] with `scheduler`; returns the final latent [C, T, h, w] float32.
 
     experts: {'high', 'low'} -> model, or an object with `activate(name) -> model` (ExpertSlot).
     step_factory: builds the per-expert step (GuidedStep's signature); the multi-GPU CFG-parallel
-    mode passes its own."""
+    mode passes its own. boundary_step: switch experts after that many steps instead of at the
+    timestep boundary (step-distilled samplers). counts: filled with "steps" and "dit_forwards" (samples
+    the DiT evaluated: 2 per guided step, 1 per unguided one)."""
     ts_host = scheduler.timesteps.detach().cpu()
     ts_dev = scheduler.timesteps.to(noise.device, torch.float32)
     pool = torch.cuda.graph_pool_handle() if cuda_graph and noise.is_cuda else None
-    names = [expert_at(float(t), boundary, num_train_timesteps) for t in ts_host]
+    if boundary_step is None:
+        names = [expert_at(float(t), boundary, num_train_timesteps) for t in ts_host]
+    else:
+        names = ["high" if i < boundary_step else "low" for i in range(len(ts_host))]
     last_of = {name: i for i, name in enumerate(names)}
     steps: dict[str, GuidedStep] = {}
     first_bad = torch.full((), -1, dtype=torch.int64, device=noise.device) if check_finite else None
@@ -169,7 +179,7 @@ def sample(experts, scheduler, noise: Tensor, generator, context: Tensor, contex
         if name not in steps:
             model = experts.activate(name) if hasattr(experts, "activate") else experts[name]
             steps[name] = step_factory(model, context, context_null, y, frame_pos, guidance.scale(name),
-                                       guidance.cfg, dtype=dtype, cuda_graph=cuda_graph, pool=pool)
+                                       guidance.mode(name), dtype=dtype, cuda_graph=cuda_graph, pool=pool)
         step = steps[name]
         with no_host_sync(check_sync and noise.is_cuda and step.steady):
             pred = step(latent, ts_dev[i:i + 1])
@@ -183,4 +193,7 @@ def sample(experts, scheduler, noise: Tensor, generator, context: Tensor, contex
                 raise NonFiniteLatentError(j, len(names), names[j])
         if progress is not None:
             progress.update(1)
+    if counts is not None:
+        counts["steps"] = len(names)
+        counts["dit_forwards"] = sum(1 if guidance.mode(n) == "off" else 2 for n in names)
     return latent

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-SOLVERS = ("unipc", "dpm++")
+SOLVERS = ("unipc", "dpm++", "distill")
+DISTILL_STEPS = (1000, 750, 500, 250)  # LightX2V's Wan2.2 4-step list (configs/distill/wan22)
 
 
 def _shift(sigmas: np.ndarray, shift: float) -> np.ndarray:
@@ -227,13 +228,64 @@ def make_scheduler(
     shift: float,
     num_train_timesteps: int = 1000,
     device: torch.device | str | None = "cpu",
-) -> FlowMultistepScheduler:
-    """A fresh solver ("unipc" or "dpm++") with `.timesteps`, `.sigmas` and `.step()`."""
+    step_list: tuple[int, ...] | None = None,
+):
+    """A fresh solver ("unipc", "dpm++" or "distill" with its `step_list`) with `.timesteps`,
+    `.sigmas` and `.step()`."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if solver == "distill":
+        return StepDistillScheduler(step_list or DISTILL_STEPS, shift, num_train_timesteps, device)
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
     if not shift > 0:
         raise ValueError(f"shift must be positive, got {shift!r}")
     cls = FlowUniPCScheduler if solver == "unipc" else FlowDPMSolverPPScheduler
     return cls(int(num_steps), float(shift), num_train_timesteps, device)
+
+
+class StepDistillScheduler:
+    """The few-step sampler of step-distilled Wan2.2 LoRAs (LightX2V `Wan22StepDistillScheduler`).
+
+    sigmas `shift*s / (1 + (shift-1)*s)` on `s = linspace(1, 0, T+1)[:-1]` (float64), taken at indices
+    `T - t` for t in `step_list`; the DiT is fed `T * sigma` as a float32 timestep (not truncated);
+    each step: `x0 = x - sigma_i * v`, then `x = x0 + sigma_{i+1} * v` (no fresh noise), the last step
+    returns x0. `timesteps` [N] float32 on `device`; `sigmas` [N+1] float64 on the CPU, ending in 0.
+    """
+
+    solver = "distill"
+
+    def __init__(self, step_list, shift: float, num_train_timesteps: int = 1000, device=None):
+        steps = [int(t) for t in step_list]
+        if not steps or any(t != u for t, u in zip(steps, step_list)):
+            raise ValueError(f"the distill step list must hold whole timesteps, got {list(step_list)}")
+        if any(not 0 < t <= num_train_timesteps for t in steps) or any(a <= b for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"the distill step list must decrease strictly within 1..{num_train_timesteps}, "
+                             f"got {steps}")
+        if not shift > 0:
+            raise ValueError(f"shift must be positive, got {shift!r}")
+        s = np.linspace(1.0, 0.0, num_train_timesteps + 1)[:-1]
+        table = shift * s / (1 + (shift - 1) * s)
+        sig = table[[num_train_timesteps - t for t in steps]]
+        self.sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]))
+        self.timesteps = torch.from_numpy(sig * num_train_timesteps).to(torch.float32).to(device)
+        self.step_list = tuple(steps)
+        self.num_train_timesteps = num_train_timesteps
+        self.num_steps = len(steps)
+        self.step_index = 0
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None) -> Tensor:
+        """One Euler step of the flow: v at sigma_i -> the sample at sigma_{i+1} (x0 after the last)."""
+        i = self.step_index
+        if i >= self.num_steps:
+            raise ValueError(f"the scheduler has already taken all {self.num_steps} steps; make a new one")
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output {tuple(model_output.shape)} and sample {tuple(sample.shape)} "
+                             "must have the same shape")
+        sigma, nxt = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        x0 = sample - sigma * model_output
+        self.step_index += 1
+        return x0 if i + 1 == self.num_steps else x0 + nxt * model_output

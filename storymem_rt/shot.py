@@ -59,6 +59,7 @@ class ShotResult:
     latent: torch.Tensor  # [16, M + T, h, w], memory frames included (as the reference returns)
     video: torch.Tensor  # [3, F, H, W] in [-1, 1], before the story loop trims known frames
     timings: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)  # "steps" and "dit_forwards" of the sampling loop
 
 
 def m2v_size(max_area: int, aspect_ratio: float, vae_stride=(4, 8, 8), patch=(1, 2, 2)) -> tuple[int, int]:
@@ -134,10 +135,12 @@ def denoise(experts, spec: ShotSpec, noise: torch.Tensor, generator: torch.Gener
     guidance. experts: {'high', 'low'} models (or an ExpertSlot); kw: `sample`'s switches
     (cuda_graph, check_sync). context / context_null: [1, text_len, D]; y: [C_y, T, h, w] or None."""
     s = spec.sampling
-    sched = make_scheduler(s.solver, s.sample_steps, s.shift, s.num_train_timesteps, device=noise.device)
-    guidance = Guidance(scale_low=s.guide_scale[0], scale_high=s.guide_scale[1], cfg=cfg)
+    sched = make_scheduler(s.solver, s.sample_steps, s.shift, s.num_train_timesteps, device=noise.device,
+                           step_list=s.step_list)
+    guidance = Guidance(scale_low=s.guide_scale[0], scale_high=s.guide_scale[1], cfg=cfg, guided=tuple(s.guided))
     return sample(experts, sched, noise, generator, context, context_null, y, frame_pos, guidance,
-                  boundary=s.boundary, num_train_timesteps=s.num_train_timesteps, dtype=dtype, progress=progress, **kw)
+                  boundary=s.boundary, num_train_timesteps=s.num_train_timesteps, dtype=dtype, progress=progress,
+                  boundary_step=s.boundary_step, **kw)
 
 
 def synced_clock(device) -> float:
@@ -210,9 +213,11 @@ def generate_shot(experts: dict, vae, spec: ShotSpec, context: torch.Tensor, con
         else:
             frame_pos = torch.arange(memory_size + t_lat)
     t0 = synced_clock(device)
-    latent = denoise(experts, spec, noise, g, context, context_null, y, frame_pos, dtype, progress, cfg, **sampling)
+    counts: dict = {}
+    latent = denoise(experts, spec, noise, g, context, context_null, y, frame_pos, dtype, progress, cfg,
+                     counts=counts, **sampling)
     timings["dit"] = synced_clock(device) - t0
     t0 = time.perf_counter()
     video = vae.decode(latent[None, :, memory_size:])[0].float()
     timings["vae_decode"] = synced_clock(device) - t0
-    return ShotResult(latent=latent, video=video, timings=timings)
+    return ShotResult(latent=latent, video=video, timings=timings, counts=counts)

@@ -391,7 +391,7 @@ class StoryRenderer:
             last_frames = frames_u8[-max(KNOWN_FRAMES.values()):].cpu().clone()
             done[shot.id] = {"index": shot.index, "mode": shot.mode, "seed": shot.seed, "prompt": shot.prompt,
                              "memory": memory_ids, "keyframes": [f"{shot.id}:{i}" for i in picked],
-                             "frames": int(frames_u8.shape[0]), "video": f"{shot.id}.mp4",
+                             "frames": int(frames_u8.shape[0]), "video": f"{shot.id}.mp4", **res.counts,
                              "timings": {k: round(v, 4) for k, v in t.items()}}
             for k, v in t.items():
                 timings_total[k] = timings_total.get(k, 0.0) + v
