@@ -306,12 +306,31 @@ def _explicit(ctx: click.Context, name: str) -> bool:
               help="With --fast bf16/fp8: the DiT's self-attention. auto: the faster of cuDNN and our bf16 kernel "
                    "for the shape (bf16 math). int8-int8: our 8-bit kernel (rel. err. ~1.6e-2 per call on random "
                    "data; the FP8 forward ~10%% faster at A14B size on H100, docs/PERF.md); int8-fp8: ~3.6e-2.")
+@click.option("--preview", is_flag=True,
+              help="Preview preset: a few-step distill LoRA stacked on StoryMem's, the step-distill sampler "
+                   "(--distill-steps, shift 5, 2 high-noise + 2 low-noise steps), no CFG: 4 DiT calls per shot.")
+@click.option("--distill-lora-t2v", type=click.Path(path_type=Path), default=None,
+              help="With --preview: folder of the T2V 4-step LoRA (a *high_noise* and a *low_noise* .safetensors; "
+                   "default MODELS/distill/t2v).")
+@click.option("--distill-lora-i2v", type=click.Path(path_type=Path), default=None,
+              help="With --preview: folder of the I2V 4-step LoRA (default MODELS/distill/i2v).")
+@click.option("--distill-strength", type=float, default=1.0, show_default=True,
+              help="With --preview: the distill LoRA's strength (one community note: StoryMem may want > 1.0).")
+@click.option("--distill-steps", default="1000,750,500,250", show_default=True,
+              help="With --preview: the distilled timesteps, comma separated, decreasing.")
+@click.option("--distill-shift", type=float, default=5.0, show_default=True, help="With --preview: sigma shift.")
+@click.option("--distill-boundary-step", type=click.IntRange(0), default=2, show_default=True,
+              help="With --preview: steps run by the high-noise expert before the low-noise one.")
+@click.option("--preview-cfg", type=click.Choice(["none", "high", "both"]), default="none", show_default=True,
+              help="With --preview: experts that keep classifier-free guidance (--sample-guide-scale); 'high' is "
+                   "what users who find preview motion weak use.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @plan_options
 def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model, lora, lora_rank, size,
            frame_num, sample_steps, sample_solver, sample_guide_scale, max_memory_size, fix, no_quality_filter,
            clip_weights, reference_mi2v_bug, device, dtype, offload, engines_dir, precision, backend, fast,
-           fast_compile, attention, no_progress, plan: PlanSettings) -> None:
+           fast_compile, attention, preview, distill_lora_t2v, distill_lora_i2v, distill_strength, distill_steps,
+           distill_shift, distill_boundary_step, preview_cfg, no_progress, plan: PlanSettings) -> None:
     """Render STORY into one video, shot by shot, in this process."""
     ctx = click.get_current_context()
     s = load_story(story)
@@ -361,6 +380,10 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
     need_t2v = any(sh.mode == "t2v" for sh in shots)
     need_m2v = any(sh.mode != "t2v" for sh in shots)
     paths.check(need_t2v, need_m2v)
+    preview_settings, distill = _preview(ctx, preview, root if tiny else (None if models == "tiny" else Path(models)),
+                                         tiny, need_t2v, need_m2v)
+    if preview:
+        sample_steps = len(preview_settings["step_list"])
 
     from .backends import BackendError, resolve
 
@@ -371,6 +394,12 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
                               dtype=dtype, engines=engines_dir, engines_precision=art_precision)
     except BackendError as e:
         raise click.UsageError(str(e)) from None
+    if preview and backend_cfg.name in ("onnxruntime", "tensorrt"):
+        raise click.UsageError(f"--preview merges its distill LoRA into the experts as they load; --backend "
+                               f"{backend_cfg.name} runs prebuilt graphs without it: use a torch backend")
+    if preview and art_precision == "fp8" and engines_dir is not None:
+        raise click.UsageError("--preview cannot merge a distill LoRA into FP8 artifacts: use --precision bf16 "
+                               "artifacts, or no --engines (with --fast fp8 the merged experts are quantized)")
     engines = None
     if engines_dir is not None:
         from .engines.manifest import BuildSpec
@@ -389,19 +418,80 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
             plan=plan, size=w_h, frame_num=frame_num, sample_steps=sample_steps, solver=sample_solver,
             guide_scale=(sample_guide_scale, sample_guide_scale), max_memory_size=max_memory_size, fix=fix,
             quality_filter="none" if no_quality_filter else "auto", reference_mi2v_bug=reference_mi2v_bug,
-            lora_rank=lora_rank, dtype=dt, models=identity, backend=backend_cfg.to_json())
+            lora_rank=lora_rank, dtype=dt, models=identity, backend=backend_cfg.to_json(), preview=preview_settings)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     model_set = ModelSet(paths, device=dev, lora_rank=lora_rank,
                          text_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
                          resident=not offload, backend=backend_cfg, engines=engines, frame_num=frame_num,
-                         max_memory_size=max_memory_size)
+                         max_memory_size=max_memory_size, distill=distill,
+                         distill_strength=preview_settings.get("strength", 1.0))
     clip = random_clip(seed=0, device=dev) if tiny and clip_weights is None else load_clip(clip_weights, device=dev)
     selector = KeyframeSelector(clip, default_quality_scorer(not no_quality_filter, device=dev),
                                 max_keyframes=settings.max_keyframes, device=dev)
     renderer = StoryRenderer(model_set, selector, settings, out_dir, progress=not no_progress)
     manifest = renderer.render(s, shots)
     _print_summary(out_dir, manifest)
+
+
+_DISTILL_OPTIONS = ("distill_lora_t2v", "distill_lora_i2v", "distill_strength", "distill_steps", "distill_shift",
+                    "distill_boundary_step", "preview_cfg")
+
+
+def _preview(ctx: click.Context, on: bool, models_dir: Path | None, tiny: bool, need_t2v: bool,
+             need_m2v: bool) -> tuple[dict, dict | None]:
+    """render.json's `preview` settings and the distill LoRA files per model kind, from the --preview
+    options (usage errors for options that need --preview or contradict it)."""
+    import math
+
+    p = ctx.params
+    if not on:
+        given = [o for o in _DISTILL_OPTIONS if _explicit(ctx, o)]
+        if given:
+            raise click.UsageError(f"--{given[0].replace('_', '-')} goes with --preview: add --preview or drop it")
+        return {}, None
+    for o in ("sample_steps", "sample_solver"):
+        if _explicit(ctx, o):
+            raise click.UsageError(f"--preview runs the step-distill sampler: drop --{o.replace('_', '-')} (the "
+                                   f"steps are --distill-steps)")
+    try:
+        steps = tuple(int(t) for t in p["distill_steps"].split(","))
+        from .schedulers import StepDistillScheduler
+
+        StepDistillScheduler(steps, p["distill_shift"])
+    except ValueError as e:
+        raise click.BadParameter(f"{p['distill_steps']!r}: {e}" if "step" in str(e) or "shift" in str(e) else
+                                 f"{p['distill_steps']!r} is not a comma-separated list of timesteps",
+                                 param_hint="--distill-steps / --distill-shift") from None
+    if not math.isfinite(p["distill_strength"]) or p["distill_strength"] < 0:
+        raise click.BadParameter(f"{p['distill_strength']} must be a finite number >= 0", param_hint="--distill-strength")
+    if p["distill_boundary_step"] > len(steps):
+        raise click.BadParameter(f"{p['distill_boundary_step']} is more than the {len(steps)} distill steps",
+                                 param_hint="--distill-boundary-step")
+    from .distill import file_digest, find_distill_files
+
+    folders = {"t2v": p["distill_lora_t2v"], "m2v": p["distill_lora_i2v"]}
+    if tiny and models_dir is not None and not all(folders.values()):
+        from .tiny import ensure_tiny_distill
+
+        folders = {k: v or ensure_tiny_distill(models_dir)[k] for k, v in folders.items()}
+    distill, loras = {}, {}
+    for kind, needed in (("t2v", need_t2v), ("m2v", need_m2v)):
+        if not needed:
+            continue
+        folder = folders[kind]
+        if folder is None:
+            if models_dir is None:
+                opt = "--distill-lora-t2v" if kind == "t2v" else "--distill-lora-i2v"
+                raise click.UsageError(f"--preview needs the {kind.upper()} distill LoRA: give {opt} DIR (a folder "
+                                       f"with its *high_noise* and *low_noise* .safetensors) or --models DIR with "
+                                       f"distill/{'t2v' if kind == 't2v' else 'i2v'}/ inside")
+            folder = models_dir / "distill" / ("t2v" if kind == "t2v" else "i2v")
+        distill[kind] = find_distill_files(folder)
+        loras[kind] = {e: {"file": str(f), "sha256": file_digest(f)} for e, f in distill[kind].items()}
+    guided = {"none": [], "high": ["high"], "both": ["high", "low"]}[p["preview_cfg"]]
+    return ({"step_list": list(steps), "shift": p["distill_shift"], "boundary_step": p["distill_boundary_step"],
+             "guided": guided, "strength": p["distill_strength"], "loras": loras}, distill)
 
 
 def _print_summary(out_dir: Path, manifest: dict) -> None:

@@ -69,6 +69,9 @@ class RenderSettings:
     models: str = ""  # identity of the weights (folder + tiny marker), not a hash of gigabytes
     fps: int = 16
     backend: dict = field(default_factory=dict)  # the resolved backends.BackendConfig (what ran the DiT)
+    # preview mode (few-step distill LoRA, step-distill sampler): {"step_list", "shift", "boundary_step",
+    # "guided", "strength", "loras": {kind: {expert: {"file", "sha256"}}}}; empty for a full render
+    preview: dict = field(default_factory=dict)
 
     def __post_init__(self):
         w, h = self.size
@@ -84,6 +87,12 @@ class RenderSettings:
 
     def sampling(self, kind: str) -> SamplingConfig:
         shift, boundary = (self.t2v_shift, self.t2v_boundary) if kind == "t2v" else (self.m2v_shift, self.m2v_boundary)
+        if self.preview:
+            p = self.preview
+            return SamplingConfig(shift=p["shift"], boundary=boundary, sample_steps=len(p["step_list"]),
+                                  guide_scale=self.guide_scale, frame_num=self.frame_num, solver="distill",
+                                  negative_prompt=self.negative_prompt, step_list=tuple(p["step_list"]),
+                                  boundary_step=p["boundary_step"], guided=tuple(p["guided"]))
         return SamplingConfig(shift=shift, boundary=boundary, sample_steps=self.sample_steps,
                               guide_scale=self.guide_scale, frame_num=self.frame_num, solver=self.solver,
                               negative_prompt=self.negative_prompt)

@@ -230,3 +230,36 @@ def ensure_tiny_models(seed: int = 0) -> Path:
     if (d / TINY_META).is_file():
         return d
     return make_tiny_models(d, seed=seed, overwrite=True)
+
+
+def ensure_tiny_distill(root: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Tiny 4-step "distill" LoRAs for the tiny bundle at `root` (random, rank 4, Wan's original key
+    format with alpha), written once into `root/distill/{t2v,i2v}` as the upstream repositories name
+    their files; returns {'t2v': folder, 'm2v': folder}. Preview's machinery on the CPU, not a picture."""
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_dir
+
+    root = Path(root)
+    out = {}
+    for kind, name, in_dim in (("t2v", "t2v", 16), ("m2v", "i2v", 36)):
+        folder = root / "distill" / name
+        out[kind] = folder
+        if folder.is_dir():
+            continue
+        cfg = DiTConfig(model_type=name, in_dim=in_dim, **TINY_DIT)
+        with atomic_dir(folder) as tmp:
+            for tag in ("high", "low"):
+                g = torch.Generator().manual_seed(seed + hash_str(f"distill-{name}-{tag}"))
+                state = {}
+                for i in range(cfg.num_layers):
+                    for t in LORA_TARGETS:
+                        n_in = cfg.ffn_dim if t == "ffn.2" else cfg.dim
+                        n_out = cfg.ffn_dim if t == "ffn.0" else cfg.dim
+                        key = f"diffusion_model.blocks.{i}.{t}"
+                        state[key + ".lora_down.weight"] = torch.randn(4, n_in, generator=g) / n_in ** 0.5
+                        state[key + ".lora_up.weight"] = torch.randn(n_out, 4, generator=g) * 0.02
+                        state[key + ".alpha"] = torch.tensor(4.0)
+                file = f"wan2.2_{name}_tiny_{tag}_noise_lora_rank4_4step.safetensors"
+                save_file(state, str(tmp / file), metadata={"format": "pt"})
+    return out
