@@ -76,6 +76,7 @@ class BenchArgs:
     memory_plan: bool = True
     full_shot: bool = False
     steps: int = 40
+    preview: bool = False  # --full-shot with render --preview's sampler (4 distilled steps, no CFG)
     seed: int = 0
     json_path: str | None = None
     device: str = "cuda"
@@ -639,12 +640,18 @@ def _bench_memory_and_shot(model, cfg, inp: Inputs, rep: Report, args: BenchArgs
         selector = KeyframeSelector(random_clip(args.seed, dev), default_quality_scorer(True, device=dev), device=dev)
         rep.info["full_shot_quality_filter"] = type(selector.scorer).__name__
         s = dataclasses.replace(SAMPLING_PRESETS["m2v-a14b"], sample_steps=args.steps, frame_num=args.frame_num)
+        if args.preview:  # render --preview's sampler: the distilled steps, 2 high + 2 low, no CFG
+            from storymem_rt.schedulers import DISTILL_STEPS
+
+            s = dataclasses.replace(s, solver="distill", shift=5.0, sample_steps=len(DISTILL_STEPS),
+                                    step_list=DISTILL_STEPS, boundary_step=2, guided=())
         spec = ShotSpec(mode="m2v", prompt="", seed=args.seed, size=args.size, sampling=s)
         noise, g = draw_noise(args.seed, tuple(inp.x.shape[1:]), dev)
         _peak_reset()
         t0 = time.perf_counter()
+        counts: dict = {}
         latent = denoise(experts, spec, noise, g, inp.context, null, y, inp.frame_pos, torch.bfloat16,
-                         cfg=cfg_mode, cuda_graph=args.cuda_graph, check_sync=True)
+                         cfg=cfg_mode, cuda_graph=args.cuda_graph, check_sync=True, counts=counts)
         _sync()
         t_dit = time.perf_counter() - t0
         video = vae.decode(latent[None, :, args.memory_frames:])
@@ -660,7 +667,9 @@ def _bench_memory_and_shot(model, cfg, inp: Inputs, rep: Report, args: BenchArgs
             vae.encode_images(frames[picked].to(torch.bfloat16))
         _sync()
         t_all = time.perf_counter() - t0
-        rep.row(f"full shot: {args.steps} steps x CFG ({cfg_mode}) + decode, mp4, keyframes", "shot", t_all,
+        what = (f"preview: {counts['steps']} distill steps, no CFG" if args.preview else
+                f"{args.steps} steps x CFG ({cfg_mode})")
+        rep.row(f"full shot: {what} + decode, mp4, keyframes", "shot", t_all, dit_forwards=counts["dit_forwards"],
                 dit_s=t_dit, decode_s=t_dec - t_dit, write_s=t_write - t_dec, keyframes_s=t_all - t_write,
                 keyframes=picked, shot_over_dit=t_all / t_dit, peak_gb=_peak(),
                 finite=bool(torch.isfinite(video).all()))

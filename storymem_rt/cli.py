@@ -525,6 +525,7 @@ def _print_summary(out_dir: Path, manifest: dict) -> None:
               help="Also time diffusers' WanTransformer3DModel with the same weights, eager and regionally compiled.")
 @click.option("--full-shot", is_flag=True, help="Also time a whole shot: both experts, CFG, --steps, VAE decode.")
 @click.option("--steps", type=click.IntRange(1), default=40, show_default=True)
+@click.option("--preview", is_flag=True, help="--full-shot as render --preview samples: 4 distilled steps, no CFG.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True, help="Time the plain WanDiT too.")
 @click.option("--eager/--no-eager", default=True, show_default=True, help="Time the fast path uncompiled too.")
 @click.option("--compile/--no-compile", "compile_", default=True, show_default=True,
@@ -549,7 +550,7 @@ def _print_summary(out_dir: Path, manifest: dict) -> None:
               help="Seconds after which the remaining stages are skipped (and reported).")
 @click.option("--profile", is_flag=True, help="Print the top CUDA kernels of one forward of each fast path.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def bench(precision, memory_frames, size, frame_num, layers, repeats, peer, full_shot, steps, baseline, eager,
+def bench(precision, memory_frames, size, frame_num, layers, repeats, peer, full_shot, steps, preview, baseline, eager,
           compile_, cuda_graph, fp8_attention, cfg_modes, fast_accum, ops, gelu_epilogue, memory_plan, json_path,
           time_budget, profile, seed) -> None:
     """Time the fast path on a real-size A14B expert (random weights made on the GPU) against
@@ -562,7 +563,7 @@ def bench(precision, memory_frames, size, frame_num, layers, repeats, peer, full
                      layers=layers, repeats=repeats, peer=peer, baseline=baseline, eager=eager, compile=compile_,
                      cuda_graph=cuda_graph, fp8_attention=tuple(fp8_attention), cfg=tuple(cfg_modes),
                      fast_accum=fast_accum, ops=ops, memory_plan=memory_plan, full_shot=full_shot, steps=steps, seed=seed,
-                     json_path=None if json_path is None else str(json_path), time_budget_s=time_budget,
+                     json_path=None if json_path is None else str(json_path), time_budget_s=time_budget, preview=preview,
                      profile=profile, gelu_epilogue=gelu_epilogue)
     try:
         run(args)
