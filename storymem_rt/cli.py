@@ -169,9 +169,9 @@ def plan_options(f):
     return wrapper
 
 
-def make_plan(plan: PlanSettings, story) -> list[PlannedShot]:
+def make_plan(plan: PlanSettings, story, frame_num: int = 81) -> list[PlannedShot]:
     try:
-        return plan.plan(story)
+        return plan.plan(story, frame_num)
     except ValueError as e:  # e.g. a seed that overflows over a long story
         raise click.UsageError(str(e)) from None
 
@@ -196,12 +196,16 @@ def _head(text: str, width: int) -> str:
 @main.command()
 @click.argument("story", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help='Print the plan as JSON: {"shots": [{"scene", "shot", '
-              '"mode", "seed", "cut", "prompt"}, ...]}.')
+              '"mode", "seed", "cut", "prompt", "frames"}, ...]}.')
+@click.option("--frame-num", type=click.IntRange(5), default=81, show_default=True,
+              help="Frames of a shot whose scene gives no length, 4n+1 (as render's --frame-num).")
 @plan_options
-def validate(story: Path, as_json: bool, plan: PlanSettings) -> None:
+def validate(story: Path, as_json: bool, frame_num: int, plan: PlanSettings) -> None:
     """Check STORY (a story script, ST-Bench schema) and print its shot plan. Writes nothing."""
+    if (frame_num - 1) % 4:
+        raise click.BadParameter(f"{frame_num} is not 4n+1 (e.g. 81)", param_hint="--frame-num")
     s = load_story(story)
-    shots = make_plan(plan, s)
+    shots = make_plan(plan, s, frame_num)
     if as_json:
         click.echo(json.dumps({"shots": [shot.to_json() for shot in shots]}, indent=2, ensure_ascii=False))
         return
@@ -210,12 +214,17 @@ def validate(story: Path, as_json: bool, plan: PlanSettings) -> None:
                f"{len(shots)} shot{'s' * (len(shots) != 1)}")
     seed_w = max(4, *(len(str(shot.seed)) for shot in shots))
     id_w = max(4, *(len(shot.id) for shot in shots))
-    click.echo(f"  {'shot':<{id_w}}  mode  {'seed':>{seed_w}}  cut  prompt")
-    for shot in shots:
+    # The length column: frames generated, what the MP4 keeps, and the seconds asked for.
+    lengths = [f"{shot.frames:>3}" + (f" -> {shot.output_frames}" if shot.output_frames != shot.frames else "")
+               + (f" ({shot.seconds:g} s)" if shot.seconds is not None else "") for shot in shots]
+    len_w = max(6, *(len(x) for x in lengths))
+    click.echo(f"  {'shot':<{id_w}}  mode  {'seed':>{seed_w}}  cut  {'frames':<{len_w}}  prompt")
+    for shot, length in zip(shots, lengths):
         click.echo(f"  {shot.id:<{id_w}}  {shot.mode:<4}  {shot.seed:>{seed_w}}  {'yes' if shot.cut else 'no ':<3}  "
-                   f"{_head(shot.prompt, 64)}")
+                   f"{length:<{len_w}}  {_head(shot.prompt, 64)}")
     counts = ", ".join(f"{m} {n}" for m in MODES if (n := sum(shot.mode == m for shot in shots)))
-    click.echo(f"ok: {counts}")
+    total = sum(shot.output_frames for shot in shots)
+    click.echo(f"ok: {counts}; {total} frames ({total / 16:.1f} s at 16 fps)")
 
 
 
