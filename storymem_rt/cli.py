@@ -316,10 +316,10 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
     """Render STORY into one video, shot by shot, in this process."""
     ctx = click.get_current_context()
     s = load_story(story)
-    shots = make_plan(plan, s)
     w_h = _parse_size(size)
     if (frame_num - 1) % 4:
         raise click.BadParameter(f"{frame_num} is not 4n+1 (e.g. 81)", param_hint="--frame-num")
+    shots = make_plan(plan, s, frame_num)
     if fix > max_memory_size:
         raise click.BadParameter(f"--fix {fix} is larger than --max-memory-size {max_memory_size}", param_hint="--fix")
     for p in plan.reference_images:
@@ -355,6 +355,7 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
             sample_steps = d["sample_steps"]
         paths = ModelPaths.from_models_dir(root)
         identity = f"tiny-v{meta['format']}-seed{meta['seed']}"
+        shots = make_plan(plan, s, frame_num)  # the tiny bundle's default length for shots that give none
     else:
         base = ModelPaths.from_models_dir(models) if models != "tiny" else ModelPaths(None, None, None)
         paths = ModelPaths(t2v=t2v_model or base.t2v, i2v=i2v_model or base.i2v, lora=lora or base.lora)
@@ -380,6 +381,12 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
                             frame_num=frame_num, max_memory_size=max_memory_size, out=str(engines_dir),
                             lora_rank=lora_rank)
         identity = json.dumps({"models": identity, "engines": str(engines_dir.resolve()), "precision": precision})
+        other = sorted({sh.frames for sh in shots} - {frame_num})
+        if other:  # engines are shaped for one length: other lengths run, but compile (or run eagerly) first
+            logging.getLogger(LOGGER).warning(
+                "%s was built for %d-frame shots; this story also has %s-frame shots, which have no prebuilt "
+                "artifact (they run, compiling on first use); build them with build-engines --frame-num N",
+                engines_dir, frame_num, ", ".join(map(str, other)))
     if fast == "auto":
         fast = "bf16" if dev.type == "cuda" else "off"
     fast = None if fast == "off" else ("fp32" if fast == "bf16" and dt == "float32" else fast)

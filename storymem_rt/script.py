@@ -476,6 +476,14 @@ def plan_shots(story: Story, *, first_shot: str = "t2v", mi2v: bool = False, mm2
                 raise StoryError(f"{story.source}: scenes[{si}].{key}[{i}]: shot {scene.num:02d}_{i + 1:02d} is "
                                  f"{mode.upper()} and its {frames} frames leave none after its "
                                  f"{KNOWN_FRAMES[mode]} known frames; give it {KNOWN_FRAMES[mode] + 4} frames or more")
+            if shots and KNOWN_FRAMES[mode] > shots[-1].output_frames:
+                # MM2V after a 9-frame MM2V shot: that shot's MP4 holds only 4 frames to continue from.
+                prev = shots[-1]
+                need = KNOWN_FRAMES[mode] + prev.frames - prev.output_frames
+                need = 4 * math.ceil((need - 1) / 4) + 1  # the smallest 4n+1 count that keeps enough
+                raise StoryError(f"{story.source}: shot {scene.num:02d}_{i + 1:02d} is {mode.upper()} and needs the last "
+                                 f"{KNOWN_FRAMES[mode]} frames of shot {prev.id}, which keeps only "
+                                 f"{prev.output_frames}; give shot {prev.id} {need} frames or more")
             shots.append(PlannedShot(index=index, scene=scene.num, shot=i + 1, mode=mode, seed=shot_seed,
                                      cut=cut, prompt=prompt, frames=frames, seconds=seconds))
             index += 1
