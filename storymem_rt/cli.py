@@ -234,14 +234,18 @@ def validate(story: Path, as_json: bool, frame_num: int, plan: PlanSettings) -> 
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
-def make_tiny_models_cmd(out_dir: Path, seed: int, overwrite: bool) -> None:
-    """Write a tiny model bundle (upstream layouts, deterministic random weights) to OUT_DIR."""
-    from .tiny import make_tiny_models
+@click.option("--layout", type=click.Choice(["upstream", "diffusers"]), default="upstream", show_default=True,
+              help="upstream: Wan2.2-*-A14B/ folders as Wan-AI ships them; diffusers: Wan2.2-*-A14B-Diffusers/ "
+                   "(transformer/, transformer_2/, text_encoder/, tokenizer/, vae/), the same weights.")
+def make_tiny_models_cmd(out_dir: Path, seed: int, overwrite: bool, layout: str) -> None:
+    """Write a tiny model bundle (deterministic random weights) to OUT_DIR."""
+    from .tiny import make_tiny_diffusers_models, make_tiny_models
 
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise click.UsageError(f"{out_dir} is not empty: pass --overwrite or pick another folder")
-    make_tiny_models(out_dir, seed=seed, overwrite=overwrite)
-    click.echo(f"wrote tiny model bundle to {out_dir}")
+    make = make_tiny_diffusers_models if layout == "diffusers" else make_tiny_models
+    make(out_dir, seed=seed, overwrite=overwrite)
+    click.echo(f"wrote tiny model bundle ({layout} layout) to {out_dir}")
 
 
 # --------------------------------------------------------------------------- render
@@ -266,11 +270,13 @@ def _explicit(ctx: click.Context, name: str) -> bool:
               help="Output folder (default: out/<story file name>). Rerunning on it resumes.")
 @click.option("--models", default="tiny", show_default=True,
               help="'tiny' (the embedded tiny bundle, CPU demo) or a folder holding Wan2.2-T2V-A14B/, "
-                   "Wan2.2-I2V-A14B/ and StoryMem/.")
-@click.option("--t2v-model", type=click.Path(path_type=Path), help="Wan2.2-T2V-A14B folder (reference: --t2v_model_path).")
-@click.option("--i2v-model", type=click.Path(path_type=Path), help="Wan2.2-I2V-A14B folder (reference: --i2v_model_path).")
-@click.option("--lora", type=click.Path(path_type=Path), help="Folder with backbone_{high,low}_noise.pth "
-              "(reference: --lora_weight_path).")
+                   "Wan2.2-I2V-A14B/ (or their -Diffusers folders) and StoryMem/.")
+@click.option("--t2v-model", type=click.Path(path_type=Path), help="Wan2.2-T2V-A14B folder, upstream or diffusers "
+              "layout (reference: --t2v_model_path).")
+@click.option("--i2v-model", type=click.Path(path_type=Path), help="Wan2.2-I2V-A14B folder, upstream or diffusers "
+              "layout (reference: --i2v_model_path).")
+@click.option("--lora", type=click.Path(path_type=Path), help="Folder with backbone_{high,low}_noise.pth, or their "
+              "safetensors / ComfyUI repacks (reference: --lora_weight_path).")
 @click.option("--lora-rank", type=click.IntRange(1), default=None,
               help="LoRA rank, alpha = rank (reference: --lora_rank); default: read from the file.")
 @click.option("--size", default="832*480", show_default=True, help="WIDTH*HEIGHT of every shot (reference: --size).")
@@ -384,9 +390,9 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
         other = sorted({sh.frames for sh in shots} - {frame_num})
         if other:  # engines are shaped for one length: other lengths run, but compile (or run eagerly) first
             logging.getLogger(LOGGER).warning(
-                "%s was built for %d-frame shots; this story also has %s-frame shots, which have no prebuilt "
-                "artifact (they run, compiling on first use); build them with build-engines --frame-num N",
-                engines_dir, frame_num, ", ".join(map(str, other)))
+                "--engines %s: artifacts are looked up for %d-frame shots (--frame-num); this story also has "
+                "shots of %s frames, which no prebuilt artifact covers (they run, compiling on first use; "
+                "build-engines --frame-num N adds a length)", engines_dir, frame_num, ", ".join(map(str, other)))
     if fast == "auto":
         fast = "bf16" if dev.type == "cuda" else "off"
     fast = None if fast == "off" else ("fp32" if fast == "bf16" and dt == "float32" else fast)

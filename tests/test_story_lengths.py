@@ -136,3 +136,66 @@ def test_mixed_lengths_resume_after_sigkill(work, mm2v_baseline):
                {k: v for k, v in ref["shots"][sid].items() if k != "timings"}
     for name in ("01_01.mp4", "01_02.mp4", "02_01.mp4", "Mixed_Lengths.mp4", "state/memory.safetensors"):
         assert (out / name).read_bytes() == (mm2v_baseline / name).read_bytes(), name
+
+
+# --------------------------------------------------------------------------- bad scripts stop `render` before anything
+
+
+def _scene(**kw):
+    return {"story_name": "x", "scenes": [{"scene_num": 1, "video_prompts": ["a boat", "the boat sails"],
+                                            "cut": [True, False], **kw}]}
+
+
+BAD_SCRIPTS = [
+    # (id, file bytes, extra render args, words of the one error line)
+    ("frames-not-4n1", json.dumps(_scene(frames=[33, 18])).encode(), [], ["scenes[0].frames[1]", "18"]),
+    ("frames-too-long", json.dumps(_scene(frames=[201, 17])).encode(), [], ["scenes[0].frames[0]", "5..161"]),
+    ("frames-count", json.dumps(_scene(frames=[33])).encode(), [], ["scenes[0].frames", "1 entry for 2"]),
+    ("frames-and-seconds", json.dumps(_scene(frames=[33, 17], seconds=[2, 1])).encode(), [],
+     ["scenes[0].seconds", "together"]),
+    ("seconds-string", json.dumps(_scene(seconds=["2s", 1])).encode(), [], ["scenes[0].seconds[0]", "number"]),
+    ("seconds-too-long", json.dumps(_scene(seconds=[60, 1])).encode(), [], ["scenes[0].seconds[0]", "60 s"]),
+    ("mm2v-5-frames", json.dumps(_scene(frames=[17, 5])).encode(), ["--mm2v"],
+     ["scenes[0].frames[1]", "01_02", "MM2V"]),
+    ("mm2v-after-short-mm2v", json.dumps({"scenes": [{"scene_num": 1, "video_prompts": ["a", "b", "c"],
+                                                      "cut": [True, False, False], "frames": [17, 9, 17]}]}).encode(),
+     ["--mm2v"], ["01_03", "01_02", "keeps only 4", "13 frames"]),
+    ("json5-syntax", b"// comment\n{scenes: [{scene_num: 1, video_prompts: ['a'] cut: [true]}]}", [],
+     ["line 2 col", "invalid JSON5"]),
+    ("utf16", b"\xff\xfe" + json.dumps(_scene()).encode("utf-16-le"), [], ["not UTF-8", "UTF-16"]),
+    ("binary", b"\x89PNG\r\n\x1a\n\x00\x00", [], ["not UTF-8"]),
+]
+
+
+@pytest.mark.parametrize("case", BAD_SCRIPTS, ids=[c[0] for c in BAD_SCRIPTS])
+def test_bad_scripts_stop_render(case, tmp_path, monkeypatch):
+    name, data, extra, words = case
+    inp, cwd = tmp_path / "in", tmp_path / "cwd"
+    inp.mkdir()
+    cwd.mkdir()
+    story = inp / "story.json"
+    story.write_bytes(data)
+    monkeypatch.chdir(cwd)  # the default --out is out/<story> under the working folder
+    r = CliRunner().invoke(main, ["render", str(story), *extra, "--no-progress"])
+    assert r.exit_code == 2, (r.exit_code, r.output)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {story}: "), r.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    assert list(cwd.iterdir()) == [] and [p.name for p in inp.iterdir()] == ["story.json"]
+
+
+def test_render_warns_about_lengths_without_engines(work, tmp_path):
+    """--engines are shaped for --frame-num; other lengths in the story get one warning (then
+    this empty engines folder is refused, before anything is written)."""
+    eng = tmp_path / "engines"
+    eng.mkdir()
+    (eng / "manifest.json").write_text("{}")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["render", str(work / "mixed.json"), "--out", str(out), "--engines", str(eng),
+                                  "--frame-num", "33", *ARGS])
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: ")]
+    assert warnings == [f"warning: --engines {eng}: artifacts are looked up for 33-frame shots (--frame-num); this "
+                        "story also has shots of 17, 81 frames, which no prebuilt artifact covers (they run, compiling "
+                        "on first use; build-engines --frame-num N adds a length)"], r.stderr
+    assert r.exit_code == 1 and not out.exists()
