@@ -120,8 +120,9 @@ class PlannedShot:
     index: 0-based position in the story; scene: the script's `scene_num`; shot: 1-based
     position inside the scene; cut: the effective flag (the story's first shot follows
     nothing, so it is always a cut whatever the script says); frames: the frames the shot is
-    generated with (its MP4 has `frames - KNOWN_FRAMES[mode]`); seconds: what the script asked
-    for when it gave seconds.
+    generated with (its MP4 has `frames - KNOWN_FRAMES[mode]`), None for "the render's
+    --frame-num" when the plan was made without one; seconds: what the script asked for when it
+    gave seconds.
     """
 
     index: int
@@ -131,13 +132,13 @@ class PlannedShot:
     seed: int
     cut: bool
     prompt: str
-    frames: int = DEFAULT_FRAMES
+    frames: int | None = None
     seconds: float | None = None
 
     @property
-    def output_frames(self) -> int:
+    def output_frames(self) -> int | None:
         """Frames of this shot's MP4: MI2V drops its 1 known frame, MM2V its 5."""
-        return self.frames - KNOWN_FRAMES[self.mode]
+        return None if self.frames is None else self.frames - KNOWN_FRAMES[self.mode]
 
     @property
     def id(self) -> str:
@@ -427,7 +428,7 @@ def _decode(text: str, source: str):
 
 def plan_shots(story: Story, *, first_shot: str = "t2v", mi2v: bool = False, mm2v: bool = False,
                reference_images: bool = False, seed: int = 0, seed_policy: str = "reference",
-               frame_num: int = DEFAULT_FRAMES) -> list[PlannedShot]:
+               frame_num: int | None = None) -> list[PlannedShot]:
     """The story's shots in render order, each with its mode and seed.
 
     Matches the reference's pipeline.py: the first shot is T2V (`first_shot="t2v"`) or M2V
@@ -436,8 +437,9 @@ def plan_shots(story: Story, *, first_shot: str = "t2v", mi2v: bool = False, mm2
     previous shot may end the previous scene). Seeds: `seed + i`, i the shot's 0-based
     index inside its scene (reference: every scene restarts at `seed`), or with
     `seed_policy="unique"` `seed + index` over the whole story. Frames: the script's per-shot
-    length, else `frame_num`; a shot that would keep no frame after dropping its known ones
-    (a 5-frame MM2V shot) raises StoryError naming the scene and shot.
+    length, else `frame_num` (None: left to the render's `--frame-num`); a shot that would keep
+    no frame after dropping its known ones (a 5-frame MM2V shot), or an MM2V shot after one that
+    keeps fewer than 5, raises StoryError naming the shots.
     """
     if first_shot not in FIRST_SHOT_MODES:
         raise ValueError(f"first_shot must be one of {FIRST_SHOT_MODES}, got {first_shot!r}")
@@ -447,7 +449,7 @@ def plan_shots(story: Story, *, first_shot: str = "t2v", mi2v: bool = False, mm2
         raise ValueError("mi2v and mm2v cannot both be on: a shot without a cut continues one way")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if (frame_num - 1) % 4 or frame_num < 1:
+    if frame_num is not None and ((frame_num - 1) % 4 or frame_num < 1):
         raise ValueError(f"frame_num must be 4n+1, got {frame_num}")
     shots = []
     index = 0
@@ -467,27 +469,35 @@ def plan_shots(story: Story, *, first_shot: str = "t2v", mi2v: bool = False, mm2
                 raise ValueError(f"seed {seed} + {shot_seed - seed} exceeds {MAX_SEED}; use a smaller seed")
             frames = scene.frames[i] if scene.frames is not None and scene.frames[i] is not None else frame_num
             seconds = scene.seconds[i] if scene.seconds is not None else None
-            if frames <= KNOWN_FRAMES[mode] and (scene.frames is None or scene.frames[i] is None):
+            if frames is None:
+                pass  # the render's --frame-num: RenderSettings checks it
+            elif frames <= KNOWN_FRAMES[mode] and (scene.frames is None or scene.frames[i] is None):
                 # The default length: an option's problem (RenderSettings words it), not the script's.
                 raise ValueError(f"--frame-num {frame_num} leaves no new frames in {mode.upper()} shot "
                                  f"{scene.num:02d}_{i + 1:02d} after its {KNOWN_FRAMES[mode]} known frame(s)")
-            if frames <= KNOWN_FRAMES[mode]:
+            elif frames <= KNOWN_FRAMES[mode]:
                 key = "seconds" if scene.seconds is not None else "frames"
                 raise StoryError(f"{story.source}: scenes[{si}].{key}[{i}]: shot {scene.num:02d}_{i + 1:02d} is "
                                  f"{mode.upper()} and its {frames} frames leave none after its "
                                  f"{KNOWN_FRAMES[mode]} known frames; give it {KNOWN_FRAMES[mode] + 4} frames or more")
-            if shots and KNOWN_FRAMES[mode] > shots[-1].output_frames:
-                # MM2V after a 9-frame MM2V shot: that shot's MP4 holds only 4 frames to continue from.
-                prev = shots[-1]
-                need = KNOWN_FRAMES[mode] + prev.frames - prev.output_frames
-                need = 4 * math.ceil((need - 1) / 4) + 1  # the smallest 4n+1 count that keeps enough
-                raise StoryError(f"{story.source}: shot {scene.num:02d}_{i + 1:02d} is {mode.upper()} and needs the last "
-                                 f"{KNOWN_FRAMES[mode]} frames of shot {prev.id}, which keeps only "
-                                 f"{prev.output_frames}; give shot {prev.id} {need} frames or more")
             shots.append(PlannedShot(index=index, scene=scene.num, shot=i + 1, mode=mode, seed=shot_seed,
                                      cut=cut, prompt=prompt, frames=frames, seconds=seconds))
             index += 1
+    check_continuations(shots, story.source)
     return shots
+
+
+def check_continuations(shots: list[PlannedShot], source: str) -> None:
+    """An MI2V / MM2V shot starts from the last 1 / 5 frames of the shot before, which must keep
+    that many (MM2V after a 9-frame MM2V shot would find 4). Shots without a length yet are skipped."""
+    for prev, shot in zip(shots, shots[1:]):
+        k = KNOWN_FRAMES[shot.mode]
+        if prev.frames is None or k <= prev.output_frames:
+            continue
+        need = k + prev.frames - prev.output_frames
+        need = 4 * math.ceil((need - 1) / 4) + 1  # the smallest 4n+1 count that keeps enough
+        raise StoryError(f"{source}: shot {shot.id} is {shot.mode.upper()} and needs the last {k} frames of shot "
+                         f"{prev.id}, which keeps only {prev.output_frames}; give shot {prev.id} {need} frames or more")
 
 
 @dataclass(frozen=True)
@@ -512,7 +522,7 @@ class PlanSettings:
         if self.reference_images and self.first_shot != "m2v":
             raise ValueError("reference images are the first shot's memory: the first shot must be m2v")
 
-    def plan(self, story: Story, frame_num: int = DEFAULT_FRAMES) -> list[PlannedShot]:
+    def plan(self, story: Story, frame_num: int | None = None) -> list[PlannedShot]:
         return plan_shots(story, first_shot=self.first_shot, mi2v=self.mi2v, mm2v=self.mm2v,
                           reference_images=bool(self.reference_images), seed=self.seed,
                           seed_policy=self.seed_policy, frame_num=frame_num)

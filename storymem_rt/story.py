@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .configs import DEFAULT_NEGATIVE_PROMPT, SamplingConfig
 from .errors import StoryMemError
-from .script import PlannedShot, PlanSettings, Story
+from .script import PlannedShot, PlanSettings, Story, check_continuations
 
 log = logging.getLogger("storymem_rt")
 
@@ -320,6 +320,9 @@ class StoryRenderer:
         from .shot import ShotSpec, generate_shot
 
         s = self.settings
+        # Shots the plan left to --frame-num get this render's default length.
+        plan = [dataclasses.replace(p, frames=s.frame_num) if p.frames is None else p for p in plan]
+        check_continuations(plan, story.source)
         manifest = self._load_manifest(story, plan)
         done = manifest["shots"]
         todo = [p for p in plan if p.id not in done]

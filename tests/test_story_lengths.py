@@ -199,3 +199,30 @@ def test_render_warns_about_lengths_without_engines(work, tmp_path):
                         "story also has shots of 17, 81 frames, which no prebuilt artifact covers (they run, compiling "
                         "on first use; build-engines --frame-num N adds a length)"], r.stderr
     assert r.exit_code == 1 and not out.exists()
+
+
+def test_known_frames_agree():
+    """script.py keeps its own copy (it must not import torch); the shot generator's is the truth."""
+    from storymem_rt import script, shot
+
+    assert script.KNOWN_FRAMES == shot.KNOWN_FRAMES
+    assert [script.frames_for_seconds(s) for s in (0.3, 1, 1.2, 2, 2.5, 5, 10)] == [5, 17, 21, 33, 41, 81, 161]
+
+
+def test_plan_without_a_default_length_is_resolved_by_the_render():
+    """A plan made without --frame-num leaves those shots' length to the render, which checks
+    the continuations again once the default is known (MM2V after a 9-frame MM2V shot)."""
+    import dataclasses
+
+    from storymem_rt.errors import StoryError
+    from storymem_rt.script import check_continuations, parse_story, plan_shots
+
+    story = parse_story({"scenes": [{"scene_num": 1, "video_prompts": ["a", "b", "c"], "cut": [True, False, False],
+                                     "frames": [33, None, 17]}]}, "s.json")
+    shots = plan_shots(story, mm2v=True)
+    assert [s.frames for s in shots] == [33, None, 17]
+    check_continuations(shots, "s.json")  # nothing to say yet
+    with pytest.raises(StoryError, match="shot 01_03 is MM2V and needs the last 5 frames of shot 01_02, which keeps "
+                                         "only 4; give shot 01_02 13 frames or more"):
+        check_continuations([dataclasses.replace(s, frames=s.frames or 9) for s in shots], "s.json")
+    assert [s.frames for s in plan_shots(story, mm2v=True, frame_num=49)] == [33, 49, 17]
