@@ -34,11 +34,14 @@ from storymem_rt.models import ModelPaths, ModelSet, expert_dir
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory, storymem_cache) -> tuple[Path, Path]:
-    """(upstream tiny bundle, the same weights in diffusers' layout)."""
-    from storymem_rt.tiny import ensure_tiny_models, make_tiny_diffusers_models
+    """(upstream tiny bundle, the same weights in diffusers' layout, written by the CLI)."""
+    from storymem_rt.tiny import ensure_tiny_models
 
     d = tmp_path_factory.mktemp("diffusers") / "tiny-diffusers"
-    return ensure_tiny_models(), make_tiny_diffusers_models(d)
+    r = CliRunner().invoke(main, ["make-tiny-models", str(d), "--layout", "diffusers"], catch_exceptions=False)
+    assert r.exit_code == 0 and "diffusers layout" in r.output, r.output
+    assert json.loads((d / "storymem_tiny.json").read_text())["layout"] == "diffusers"
+    return ensure_tiny_models(), d
 
 
 def _diffusers_model(cfg):
