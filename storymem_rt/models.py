@@ -91,7 +91,8 @@ class ModelPaths:
                                                               and (d / dfmt.TEXT_ENCODER_DIR).is_dir())):
                 return d
         where = " or ".join(str(d) for d in (self.t2v, self.i2v) if d is not None) or "(no model folder given)"
-        raise CheckpointError(f"{where}: {T5_FILE} is missing; {download_hint('t2v')}")
+        what = dfmt.TEXT_ENCODER_DIR + "/" if any(dfmt.is_diffusers_folder(d) for d in (self.t2v, self.i2v)) else T5_FILE
+        raise CheckpointError(f"{where}: {what} is missing; {download_hint('t2v')}")
 
     def check(self, need_t2v: bool, need_m2v: bool) -> None:
         """Fail before any weight is read (and before a render writes anything) if a folder or

@@ -167,6 +167,11 @@ def test_broken_diffusers_folders(bundles, tmp_path):
         (d / rel).unlink()
         with pytest.raises(CheckpointError, match=word):
             ModelPaths(t2v=d, i2v=None, lora=None).check(True, False)
+    d = tmp_path / "no_text_encoder"
+    shutil.copytree(dif / "Wan2.2-T2V-A14B-Diffusers", d)
+    shutil.rmtree(d / "text_encoder")
+    with pytest.raises(CheckpointError, match="text_encoder/ is missing"):
+        ModelPaths(t2v=d, i2v=None, lora=None).check(True, False)
     # A transformer config that is not Wan2.2 A14B's (a CLIP image branch: Wan2.1 I2V).
     d = tmp_path / "wan21"
     shutil.copytree(dif / "Wan2.2-I2V-A14B-Diffusers" / "transformer_2", d)
@@ -174,3 +179,19 @@ def test_broken_diffusers_folders(bundles, tmp_path):
     (d / "config.json").write_text(json.dumps({**cfg, "image_dim": 1280}))
     with pytest.raises(CheckpointError, match="image branch"):
         load_expert(d)
+
+
+def test_render_refuses_a_broken_diffusers_bundle(bundles, tmp_path):
+    """One line naming what is missing, exit 1, nothing written (the bundle untouched)."""
+    _, dif = bundles
+    d = tmp_path / "bundle"
+    shutil.copytree(dif, d)
+    shutil.rmtree(d / "Wan2.2-I2V-A14B-Diffusers" / "transformer_2")
+    before = sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["render", str(REPO / "story" / "harbor_morning.json"), "--models", str(d),
+                                  "--out", str(out), "--no-progress"])
+    assert r.exit_code == 1, r.output
+    errors = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(errors) == 1 and errors[0].startswith("Error: ") and "transformer_2" in errors[0], r.stderr
+    assert not out.exists() and sorted(str(p.relative_to(d)) for p in d.rglob("*")) == before
