@@ -73,6 +73,7 @@ def test_validate_stbench(path, stbench, tmp_path):
     r = ok(invoke(["validate", path, "--json", "--mi2v"], tmp_path))
     shots = json.loads(r.stdout)["shots"]
     assert len(shots) == n and shots[0]["mode"] == "t2v"
+    assert {s["frames"] for s in shots} == {81}  # no per-shot lengths in ST-Bench: every shot as the reference
     assert [s["prompt"] for s in shots] == [p for sc in raw["scenes"] for p in sc["video_prompts"]]
     n_continue = sum(not c for sc in raw["scenes"] for c in sc["cut"]) - (not raw["scenes"][0]["cut"][0])
     assert sum(s["mode"] == "mi2v" for s in shots) == n_continue
