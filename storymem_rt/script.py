@@ -317,7 +317,8 @@ class _Checker:
                 seconds.append(None)
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                self.fail(at, f"must be a number, got {_got(v)}",
+                number = isinstance(v, (int, float)) and not isinstance(v, bool)  # JSON5's NaN / Infinity
+                self.fail(at, f"must be a {'finite ' * number}number, got {_got(v)}",
                           f"write the shot's {'frame count, e.g. 81' if has_f else 'duration in seconds, e.g. 5'}")
             if has_f:
                 if v != int(v) or (int(v) - 1) % 4:

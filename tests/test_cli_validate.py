@@ -261,6 +261,9 @@ BROKEN = [
     ("seconds_too_long", _lengths(1, "seconds", 30), "scenes[1].seconds[0]: 30 s gives 481 frames"),
     ("seconds_negative", _lengths(0, "seconds", -1), "scenes[0].seconds[0]: -1 s gives"),
     ("seconds_string", _lengths(0, "seconds", "5s"), "scenes[0].seconds[0]: must be a number"),
+    ("seconds_infinity", _text(lambda s: s.replace('"scenes": [', '"scenes": [{"scene_num": 99, "video_prompts": ["x"], '
+                                                    '"seconds": [Infinity]},', 1)),
+     "scenes[0].seconds[0]: must be a finite number, got a number Infinity"),
     ("seconds_not_list", _set(["scenes", 1, "seconds"], 5), "scenes[1].seconds: must be a list"),
     ("seconds_too_few", lambda d: _set(["scenes", 0, "seconds"], [5] * (len(d["scenes"][0]["video_prompts"]) - 1))(d),
      "scenes[0].seconds: has"),
