@@ -430,7 +430,8 @@ class StoryRenderer:
                 continues=None if p.cut else prev))
             prev = p.id
         total = sum(done[p.id]["frames"] for p in plan)
-        title = f"{story.name}: {len(plan)} shot{'s' * (len(plan) != 1)}, {total} frames ({total / self.settings.fps:.1f} s)"
+        title = (f"{story.name}: {len(plan)} shot{'s' * (len(plan) != 1)}, {total} frames "
+                 f"({total / self.settings.fps:.1f} s)")
         render_storyboard(rows, self.out / "storyboard.png", title=title)
 
 
