@@ -27,6 +27,7 @@ setup(
         "tokenizers>=0.20",
         "diffusers>=0.33",
         "ftfy",
+        "json5>=0.9",  # story scripts as the reference reads them (comments, trailing commas)
         "click>=8.1",
         "tqdm",
         "numpy",

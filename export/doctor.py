@@ -114,4 +114,19 @@ def report(engines: str | Path) -> list[str]:
         lines.append(f"  {'usable ' if usable else 'UNUSABLE'} {rec['kind']:<11} {rec['model']}/{rec['expert']:<4} "
                      f"{rec.get('precision') or '-':<5}{shape} {rec['path']}: {why}")
     cache.save()
+    lines.append(prebuilt_lengths(manifest.artifacts.values()))
     return lines
+
+
+def prebuilt_lengths(records) -> str:
+    """Which shot lengths (frame counts, per size) have shaped artifacts (TensorRT profiles, compile
+    caches; ONNX graphs and merged/FP8 weights serve every length). A story's shots of other
+    lengths still render, compiling on first use."""
+    by_size: dict[tuple, set[int]] = {}
+    for rec in records:
+        if rec.get("size") and rec.get("frame_num"):
+            by_size.setdefault(tuple(rec["size"]), set()).add(int(rec["frame_num"]))
+    if not by_size:
+        return "lengths      no length-specific artifacts here (weights and ONNX graphs serve every shot length)"
+    shown = "; ".join(f"{w}*{h}: {', '.join(map(str, sorted(f)))} frames" for (w, h), f in sorted(by_size.items()))
+    return f"lengths      prebuilt for {shown}; shots of other lengths run without them (compiled on first use)"

@@ -292,7 +292,7 @@ class ExpertsLoader:
 
     def weights(self, kind: str, expert: str, folder: Path | None) -> ExpertWeights:
         from .lora import load_lora
-        from .models import find_lora_file
+        from .models import expert_dir, find_lora_file
 
         distill = None
         if self.distill is not None:
@@ -312,7 +312,7 @@ class ExpertsLoader:
 
                 raise CheckpointError(f"M2V needs the StoryMem LoRA; {download_hint('lora')}")
             lora = load_lora(find_lora_file(self.paths.lora, expert), self.lora_config)
-        return ExpertWeights(root / EXPERTS[expert], lora=lora, distill=distill)
+        return ExpertWeights(expert_dir(root, expert), lora=lora, distill=distill)
 
     def load(self, kind: str) -> dict:
         out = {}

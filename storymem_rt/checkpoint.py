@@ -16,8 +16,9 @@ Readers:
 Every failure a user can fix raises `CheckpointError` with one sentence naming the file (and
 the key where there is one) followed by where to download the checkpoint.
 
-Diffusers-format Wan folders (`WanTransformer3DModel`, keys like `blocks.0.attn1.to_q`) are not
-read: they rename and split dozens of keys for no gain here; use the upstream Wan2.2 folders.
+Experts in diffusers' layout (`WanTransformer3DModel`: `transformer/`, `transformer_2/`, keys like
+`blocks.0.attn1.to_q.weight`) load the same way, their keys renamed through
+`diffusers_format.DIT_KEY_MAP` as they stream, so a LoRA in upstream names merges unchanged.
 """
 from __future__ import annotations
 
@@ -112,19 +113,20 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
 
 # ----------------------------------------------------------------------------- readers
 
-def safetensors_files(folder: str | Path, kind: str | None = None) -> list[Path]:
+def safetensors_files(folder: str | Path, kind: str | None = None, name: str = SAFETENSORS_NAME) -> list[Path]:
     """The safetensors files of a diffusers-layout folder, in a stable order.
 
-    One `diffusion_pytorch_model.safetensors`, or the shards listed by its `.index.json`; each
-    listed shard must exist. (Whether each shard holds the keys the index says is checked while
-    streaming, by `iter_safetensors(..., index=...)`.)
+    One `diffusion_pytorch_model.safetensors` (or `name`: transformers' `model.safetensors`),
+    or the shards listed by its `.index.json`; each listed shard must exist. (Whether each
+    shard holds the keys the index says is checked while streaming, by
+    `iter_safetensors(..., index=...)`.)
     """
     folder = Path(folder)
-    single, index = folder / SAFETENSORS_NAME, folder / INDEX_NAME
+    single, index = folder / name, folder / f"{name}.index.json"
     if single.is_file():  # diffusers' order: the single file wins over an index
         return [single]
     if not index.is_file():
-        raise checkpoint_error(f"{folder}: neither {SAFETENSORS_NAME} nor {INDEX_NAME} is there", kind)
+        raise checkpoint_error(f"{folder}: neither {name} nor {index.name} is there", kind)
     weight_map = read_index(index, kind)
     files = []
     for name in dict.fromkeys(weight_map.values()):
@@ -398,8 +400,17 @@ def load_expert(
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise checkpoint_error(f"{cfg_path}: config.json is missing", kind)
+    from . import diffusers_format
+
+    key_map = KEY_MAP
     try:
-        config = DiTConfig.from_json(cfg_path)
+        raw = json.loads(cfg_path.read_text())
+        if isinstance(raw, dict) and diffusers_format.is_diffusers_transformer_config(raw):
+            config, key_map = diffusers_format.dit_config(raw, cfg_path), diffusers_format.DIT_KEY_MAP
+        else:
+            config = DiTConfig.from_json(cfg_path)
+    except json.JSONDecodeError as e:
+        raise checkpoint_error(f"{cfg_path}: not valid JSON ({e})", kind) from None
     except CheckpointError as e:
         raise checkpoint_error(str(e), kind) from None
     kind = config.model_type
@@ -436,7 +447,7 @@ def load_expert(
         model,
         iter_safetensors(files, origins=origins, index=index, kind=kind),
         device=device, dtype=dtype, source=files[0] if index is None else folder / INDEX_NAME,
-        origins=origins, transform=transform, kind=kind,
+        origins=origins, key_map=key_map, transform=transform, kind=kind,
     )
     if lora is not None:
         lora.assert_all_used()

@@ -170,9 +170,9 @@ def plan_options(f):
     return wrapper
 
 
-def make_plan(plan: PlanSettings, story) -> list[PlannedShot]:
+def make_plan(plan: PlanSettings, story, frame_num: int = 81) -> list[PlannedShot]:
     try:
-        return plan.plan(story)
+        return plan.plan(story, frame_num)
     except ValueError as e:  # e.g. a seed that overflows over a long story
         raise click.UsageError(str(e)) from None
 
@@ -197,12 +197,16 @@ def _head(text: str, width: int) -> str:
 @main.command()
 @click.argument("story", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help='Print the plan as JSON: {"shots": [{"scene", "shot", '
-              '"mode", "seed", "cut", "prompt"}, ...]}.')
+              '"mode", "seed", "cut", "prompt", "frames"}, ...]}.')
+@click.option("--frame-num", type=click.IntRange(5), default=81, show_default=True,
+              help="Frames of a shot whose scene gives no length, 4n+1 (as render's --frame-num).")
 @plan_options
-def validate(story: Path, as_json: bool, plan: PlanSettings) -> None:
+def validate(story: Path, as_json: bool, frame_num: int, plan: PlanSettings) -> None:
     """Check STORY (a story script, ST-Bench schema) and print its shot plan. Writes nothing."""
+    if (frame_num - 1) % 4:
+        raise click.BadParameter(f"{frame_num} is not 4n+1 (e.g. 81)", param_hint="--frame-num")
     s = load_story(story)
-    shots = make_plan(plan, s)
+    shots = make_plan(plan, s, frame_num)
     if as_json:
         click.echo(json.dumps({"shots": [shot.to_json() for shot in shots]}, indent=2, ensure_ascii=False))
         return
@@ -211,12 +215,17 @@ def validate(story: Path, as_json: bool, plan: PlanSettings) -> None:
                f"{len(shots)} shot{'s' * (len(shots) != 1)}")
     seed_w = max(4, *(len(str(shot.seed)) for shot in shots))
     id_w = max(4, *(len(shot.id) for shot in shots))
-    click.echo(f"  {'shot':<{id_w}}  mode  {'seed':>{seed_w}}  cut  prompt")
-    for shot in shots:
+    # The length column: frames generated, what the MP4 keeps, and the seconds asked for.
+    lengths = [f"{shot.frames:>3}" + (f" -> {shot.output_frames}" if shot.output_frames != shot.frames else "")
+               + (f" ({shot.seconds:g} s)" if shot.seconds is not None else "") for shot in shots]
+    len_w = max(6, *(len(x) for x in lengths))
+    click.echo(f"  {'shot':<{id_w}}  mode  {'seed':>{seed_w}}  cut  {'frames':<{len_w}}  prompt")
+    for shot, length in zip(shots, lengths):
         click.echo(f"  {shot.id:<{id_w}}  {shot.mode:<4}  {shot.seed:>{seed_w}}  {'yes' if shot.cut else 'no ':<3}  "
-                   f"{_head(shot.prompt, 64)}")
+                   f"{length:<{len_w}}  {_head(shot.prompt, 64)}")
     counts = ", ".join(f"{m} {n}" for m in MODES if (n := sum(shot.mode == m for shot in shots)))
-    click.echo(f"ok: {counts}")
+    total = sum(shot.output_frames for shot in shots)
+    click.echo(f"ok: {counts}; {total} frames ({total / 16:.1f} s at 16 fps)")
 
 
 
@@ -226,14 +235,18 @@ def validate(story: Path, as_json: bool, plan: PlanSettings) -> None:
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
-def make_tiny_models_cmd(out_dir: Path, seed: int, overwrite: bool) -> None:
-    """Write a tiny model bundle (upstream layouts, deterministic random weights) to OUT_DIR."""
-    from .tiny import make_tiny_models
+@click.option("--layout", type=click.Choice(["upstream", "diffusers"]), default="upstream", show_default=True,
+              help="upstream: Wan2.2-*-A14B/ folders as Wan-AI ships them; diffusers: Wan2.2-*-A14B-Diffusers/ "
+                   "(transformer/, transformer_2/, text_encoder/, tokenizer/, vae/), the same weights.")
+def make_tiny_models_cmd(out_dir: Path, seed: int, overwrite: bool, layout: str) -> None:
+    """Write a tiny model bundle (deterministic random weights) to OUT_DIR."""
+    from .tiny import make_tiny_diffusers_models, make_tiny_models
 
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise click.UsageError(f"{out_dir} is not empty: pass --overwrite or pick another folder")
-    make_tiny_models(out_dir, seed=seed, overwrite=overwrite)
-    click.echo(f"wrote tiny model bundle to {out_dir}")
+    make = make_tiny_diffusers_models if layout == "diffusers" else make_tiny_models
+    make(out_dir, seed=seed, overwrite=overwrite)
+    click.echo(f"wrote tiny model bundle ({layout} layout) to {out_dir}")
 
 
 # --------------------------------------------------------------------------- render
@@ -258,11 +271,13 @@ def _explicit(ctx: click.Context, name: str) -> bool:
               help="Output folder (default: out/<story file name>). Rerunning on it resumes.")
 @click.option("--models", default="tiny", show_default=True,
               help="'tiny' (the embedded tiny bundle, CPU demo) or a folder holding Wan2.2-T2V-A14B/, "
-                   "Wan2.2-I2V-A14B/ and StoryMem/.")
-@click.option("--t2v-model", type=click.Path(path_type=Path), help="Wan2.2-T2V-A14B folder (reference: --t2v_model_path).")
-@click.option("--i2v-model", type=click.Path(path_type=Path), help="Wan2.2-I2V-A14B folder (reference: --i2v_model_path).")
-@click.option("--lora", type=click.Path(path_type=Path), help="Folder with backbone_{high,low}_noise.pth "
-              "(reference: --lora_weight_path).")
+                   "Wan2.2-I2V-A14B/ (or their -Diffusers folders) and StoryMem/.")
+@click.option("--t2v-model", type=click.Path(path_type=Path), help="Wan2.2-T2V-A14B folder, upstream or diffusers "
+              "layout (reference: --t2v_model_path).")
+@click.option("--i2v-model", type=click.Path(path_type=Path), help="Wan2.2-I2V-A14B folder, upstream or diffusers "
+              "layout (reference: --i2v_model_path).")
+@click.option("--lora", type=click.Path(path_type=Path), help="Folder with backbone_{high,low}_noise.pth, or their "
+              "safetensors / ComfyUI repacks (reference: --lora_weight_path).")
 @click.option("--lora-rank", type=click.IntRange(1), default=None,
               help="LoRA rank, alpha = rank (reference: --lora_rank); default: read from the file.")
 @click.option("--size", default=format_size(DEFAULT_SIZE), show_default=True,
@@ -334,10 +349,10 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
     """Render STORY into one video, shot by shot, in this process."""
     ctx = click.get_current_context()
     s = load_story(story)
-    shots = make_plan(plan, s)
     w_h = _parse_size(size)
     if (frame_num - 1) % 4:
         raise click.BadParameter(f"{frame_num} is not 4n+1 (e.g. 81)", param_hint="--frame-num")
+    shots = make_plan(plan, s, frame_num)
     if fix > max_memory_size:
         raise click.BadParameter(f"--fix {fix} is larger than --max-memory-size {max_memory_size}", param_hint="--fix")
     for p in plan.reference_images:
@@ -373,6 +388,7 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
             sample_steps = d["sample_steps"]
         paths = ModelPaths.from_models_dir(root)
         identity = f"tiny-v{meta['format']}-seed{meta['seed']}"
+        shots = make_plan(plan, s, frame_num)  # the tiny bundle's default length for shots that give none
     else:
         base = ModelPaths.from_models_dir(models) if models != "tiny" else ModelPaths(None, None, None)
         paths = ModelPaths(t2v=t2v_model or base.t2v, i2v=i2v_model or base.i2v, lora=lora or base.lora)
@@ -412,6 +428,12 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
                             frame_num=frame_num, max_memory_size=max_memory_size, out=str(engines_dir),
                             lora_rank=lora_rank)
         identity = json.dumps({"models": identity, "engines": str(engines_dir.resolve()), "precision": art_precision})
+        other = sorted({sh.frames for sh in shots} - {frame_num})
+        if other:  # engines are shaped for one length: other lengths run, but compile (or run eagerly) first
+            logging.getLogger(LOGGER).warning(
+                "--engines %s: artifacts are looked up for %d-frame shots (--frame-num); this story also has "
+                "shots of %s frames, which no prebuilt artifact covers (they run, compiling on first use; "
+                "build-engines --frame-num N adds a length)", engines_dir, frame_num, ", ".join(map(str, other)))
     dt = {"fp32": "float32"}.get(backend_cfg.precision, "bfloat16")
     try:
         settings = RenderSettings(

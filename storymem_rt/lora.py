@@ -9,6 +9,15 @@ target as the expert streams in (`checkpoint.load_expert(lora=...)`), so inferen
 Shapes: A = lora_A.weight [r, in], B = lora_B.weight [out, r], W [out, in].
 Unlike the reference (peft ignores keys that match no module), a LoRA key that lands on no
 weight of the model is an error naming the key and the file.
+
+The same adapter as other tools save it is read too (`.safetensors` or `.pth`):
+- ComfyUI / Kijai repacks: `diffusion_model.blocks.0.self_attn.q.lora_down.weight` (= A),
+  `.lora_up.weight` (= B) and an optional scalar `.alpha`; also `lora_A` / `lora_B` under
+  `diffusion_model.`. With an `.alpha` the module's scale is alpha / r, as ComfyUI applies it
+  (a faithful repack of StoryMem's rslora adapter carries alpha = r * sqrt(r)); without one,
+  StoryMem's convention (alpha = r, rslora), as for the `.pth`.
+- diffusers module names (`transformer.blocks.0.attn1.to_q.lora_A.weight`), renamed through
+  `diffusers_format.DIT_KEY_MAP`, the table the diffusers-layout experts load through.
 """
 from __future__ import annotations
 
@@ -23,8 +32,13 @@ import torch
 from .checkpoint import checkpoint_error, iter_safetensors, read_torch_pth
 
 # `[base_model.model.]<module>.lora_{A,B}[.<adapter>].weight`: peft's saved layout (adapter
-# name stripped) and its in-memory layout (`lora_A.default.weight`).
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+# name stripped) and its in-memory layout (`lora_A.default.weight`); `lora_down`/`lora_up` the
+# ComfyUI / kohya names of A and B. Prefixes other tools put before the module are stripped.
+_KEY = re.compile(r"^(?:base_model\.model\.|model\.diffusion_model\.|diffusion_model\.|transformer\.)?"
+                  r"(?P<module>.+)\.lora_(?P<ab>A|B|down|up)(?:\.(?P<adapter>[^.]+))?\.weight$")
+_ALPHA = re.compile(r"^(?:base_model\.model\.|model\.diffusion_model\.|diffusion_model\.|transformer\.)?"
+                    r"(?P<module>.+)\.alpha$")
+_AB = {"A": "A", "B": "B", "down": "A", "up": "B"}
 
 STORYMEM_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                     "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
@@ -63,11 +77,12 @@ class LoraWeights:
     """
 
     def __init__(self, path: Path, config: LoraConfig, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                 source_keys: dict[str, str]):
+                 source_keys: dict[str, str], scales: dict[str, float] | None = None):
         self.path = path
         self.config = config
         self.pairs = pairs
         self.source_keys = source_keys  # target weight key -> the file's lora_A key, for messages
+        self.scales = scales or {}  # target -> alpha / r where the file stores an alpha (ComfyUI files)
         self._used: set[str] = set()
 
     def __repr__(self) -> str:
@@ -96,7 +111,7 @@ class LoraWeights:
         if pair is None:
             return None
         a, b = (x.to(device=device, dtype=torch.float32) for x in pair)
-        return (b @ a).mul_(self.config.scale)
+        return (b @ a).mul_(self.scales.get(key, self.config.scale))
 
     def merge(self, key: str, weight: torch.Tensor) -> torch.Tensor:
         """W + scale * B @ A in float32 (W's device); non-targets come back unchanged."""
@@ -140,26 +155,36 @@ def parse_lora(raw: Mapping[str, torch.Tensor], path: str | Path, config: LoraCo
     """Pair up `lora_A`/`lora_B` keys of a peft state dict; see `load_lora`."""
     path = Path(path)
     halves: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    alphas: dict[str, tuple[str, torch.Tensor]] = {}
     adapters: set[str] = set()
     for k, v in raw.items():
+        m = _ALPHA.match(k)
+        if m is not None:
+            if v.numel() != 1:
+                raise checkpoint_error(f"{path}: key {k!r} has shape {list(v.shape)}; an alpha is one number", "lora")
+            alphas[_target(m["module"])] = (k, v)
+            continue
         m = _KEY.match(k)
         if m is None:
-            raise checkpoint_error(f"{path}: key {k!r} is not a LoRA lora_A/lora_B weight (DoRA, embedding and "
-                                   f"bias adapters are not supported)", "lora")
+            raise checkpoint_error(f"{path}: key {k!r} is not a LoRA weight (lora_A/lora_B, lora_down/lora_up or alpha; "
+                        f"DoRA, full-weight .diff, embedding and bias adapters are not supported)", "lora")
         if m["adapter"]:
             adapters.add(m["adapter"])
             if len(adapters) > 1:
-                raise checkpoint_error(f"{path}: holds several adapters {sorted(adapters)} (key {k!r}); keep one",
-                                       "lora")
-        slot = halves.setdefault(m["module"] + ".weight", {})
-        if m["ab"] in slot:
-            raise checkpoint_error(f"{path}: key {k!r} duplicates {slot[m['ab']][0]!r}", "lora")
+                raise checkpoint_error(f"{path}: holds several adapters {sorted(adapters)} (key {k!r}); keep one", "lora")
+        slot = halves.setdefault(_target(m["module"]), {})
+        ab = _AB[m["ab"]]
+        if ab in slot:
+            raise checkpoint_error(f"{path}: key {k!r} duplicates {slot[ab][0]!r}", "lora")
         if v.dim() != 2:
             raise checkpoint_error(f"{path}: key {k!r} has shape {list(v.shape)}; only 2-D (linear) LoRA "
-                                   f"weights are supported", "lora")
-        slot[m["ab"]] = (k, v)
+                        f"weights are supported", "lora")
+        slot[ab] = (k, v)
     if not halves:
         raise checkpoint_error(f"{path}: holds no LoRA weights", "lora")
+    for target, (k, _) in alphas.items():
+        if target not in halves:
+            raise checkpoint_error(f"{path}: key {k!r} is an alpha for a module without lora_down/lora_up weights", "lora")
 
     pairs, source_keys, rank, rank_key, rank_shape = {}, {}, None, None, None
     for target, slot in halves.items():
@@ -181,8 +206,19 @@ def parse_lora(raw: Mapping[str, torch.Tensor], path: str | Path, config: LoraCo
         config = LoraConfig.storymem(rank)
     elif config.r != rank:
         raise checkpoint_error(f"{path}: LoRA rank is {rank} (key {rank_key!r} has shape {rank_shape}) but "
-                               f"r={config.r} was given", "lora")
-    return LoraWeights(path, config, pairs, source_keys)
+                    f"r={config.r} was given", "lora")
+    # ComfyUI: scale = alpha / r per module, r the module's lora_down rows.
+    scales = {t: float(a.reshape(())) / pairs[t][0].shape[0] for t, (_, a) in alphas.items()}
+    return LoraWeights(path, config, pairs, source_keys, scales)
+
+
+def _target(module: str) -> str:
+    """The weight a LoRA module adapts, in our (upstream Wan) names; diffusers module names
+    (`blocks.0.attn1.to_q`) go through the diffusers-layout key map."""
+    from .checkpoint import rename_key
+    from .diffusers_format import DIT_KEY_MAP
+
+    return rename_key(module + ".weight", DIT_KEY_MAP)
 
 
 def load_lora(path: str | Path, config: LoraConfig | None = None) -> LoraWeights:

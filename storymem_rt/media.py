@@ -22,7 +22,7 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .errors import StoryMemError
 
@@ -272,70 +272,3 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
         raise StoryMemError(f"cannot read image {path}: not a readable image file ({e})") from e
     x = torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
     return x.float().div(255).sub_(0.5).div_(0.5)
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: bitmap font, fixed size
-        return ImageFont.load_default()
-
-
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
-    lines: list[str] = []
-    for para in text.splitlines() or [""]:
-        line = ""
-        for word in para.split(" "):
-            trial = f"{line} {word}" if line else word
-            if draw.textlength(trial, font=font) <= width or not line:
-                line = trial
-            else:
-                lines.append(line)
-                line = word
-        lines.append(line)
-    return lines
-
-
-def storyboard(rows: Sequence[tuple[str, Sequence]], path: str | os.PathLike, *, thumb_height: int = 144,
-               label_width: int = 220, pad: int = 8, font_size: int = 14,
-               background=(24, 24, 24), text_color=(235, 235, 235)) -> Path:
-    """One PNG, one row per shot: its label, then its keyframes as thumbnails.
-
-    Thumbnails keep their aspect ratio at `thumb_height`. Layout (pixels):
-    width  = label_width + max over rows of (pad + sum(thumb_width + pad)); a row without
-             keyframes counts as one thumb_height-wide cell holding "(no keyframes)"
-    height = pad + len(rows) * (thumb_height + pad); row r's thumbnails start at
-    y = pad + r * (thumb_height + pad), x = label_width + pad."""
-    if not rows:
-        raise ValueError("storyboard needs at least one row")
-    thumbs: list[list[Image.Image]] = []
-    for _, images in rows:
-        row = []
-        for img in images:
-            rgb = Image.fromarray(image_to_uint8(img))
-            tw = max(1, round(rgb.width * thumb_height / rgb.height))
-            row.append(rgb.resize((tw, thumb_height), Image.Resampling.LANCZOS))
-        thumbs.append(row)
-    # A shot without keyframes gets one square placeholder cell for its note.
-    row_w = [pad + (sum(t.width + pad for t in row) if row else thumb_height + pad) for row in thumbs]
-    width = label_width + max(row_w)
-    height = pad + len(rows) * (thumb_height + pad)
-    canvas = Image.new("RGB", (width, height), background)
-    draw = ImageDraw.Draw(canvas)
-    font = _font(font_size)
-    line_h = font_size + 4
-    for r, ((label, _), row) in enumerate(zip(rows, thumbs)):
-        y = pad + r * (thumb_height + pad)
-        lines = _wrap(draw, str(label), font, label_width - 2 * pad)[: max(1, thumb_height // line_h)]
-        for k, line in enumerate(lines):
-            draw.text((pad, y + k * line_h), line, fill=text_color, font=font)
-        x = label_width + pad
-        if not row:
-            for k, line in enumerate(_wrap(draw, "(no keyframes)", font, thumb_height)):
-                draw.text((x, y + k * line_h), line, fill=text_color, font=font)
-        for t in row:
-            canvas.paste(t, (x, y))
-            x += t.width + pad
-    with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
-    return Path(path)

@@ -9,16 +9,23 @@ Upstream layout (what users download):
 `--models DIR` names a folder holding those three; `--t2v-model`, `--i2v-model`, `--lora`
 name them one by one, as the reference's `--t2v_model_path`, `--i2v_model_path`,
 `--lora_weight_path` do. T5 and VAE files are identical in both Wan folders: loaded once.
+
+Either Wan folder may instead be in diffusers' layout (`Wan2.2-T2V-A14B-Diffusers/`:
+`transformer/` high noise, `transformer_2/` low noise, `text_encoder/`, `tokenizer/`, `vae/`;
+see storymem_rt.diffusers_format); `--models DIR` finds `Wan2.2-T2V-A14B-Diffusers/` where
+`Wan2.2-T2V-A14B/` is absent.
 """
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .configs import read_json
+from . import diffusers_format as dfmt
 from .errors import CheckpointError, download_hint
 from .tiny import TINY_META
 
@@ -31,12 +38,33 @@ EXPERTS = {"high": "high_noise_model", "low": "low_noise_model"}
 LORA_FILES = {"high": "backbone_high_noise", "low": "backbone_low_noise"}
 
 
+def expert_dir(root: Path, expert: str) -> Path:
+    """The folder of one expert ('high' / 'low') of a Wan folder, upstream or diffusers layout."""
+    return root / (dfmt.TRANSFORMER_DIRS[expert] if dfmt.is_diffusers_folder(root) else EXPERTS[expert])
+
+
+def _wan_dir(models: Path, name: str) -> Path:
+    """`models/name`, or `models/name-Diffusers` when only that one is there."""
+    d = models / name
+    alt = models / f"{name}-Diffusers"
+    return alt if not d.exists() and alt.is_dir() else d
+
+
 def find_lora_file(folder: Path, expert: str) -> Path:
-    """`backbone_{high,low}_noise.safetensors` (or `.pth`) in a StoryMem LoRA folder, or CheckpointError."""
+    """`backbone_{high,low}_noise.{safetensors,pth}`, else the one `*.safetensors` whose name
+    says high / low (ComfyUI repacks: `..._HIGH_lora_rank128_bf16.safetensors`)."""
     for ext in (".safetensors", ".pth"):
         p = folder / (LORA_FILES[expert] + ext)
         if p.is_file():
             return p
+    word = re.compile(rf"(^|[^a-z]){expert}([^a-z]|$)")  # `low` as a word: not the one in `flow`
+    found = sorted(f for f in folder.glob("*.safetensors") if word.search(f.name.lower())) if folder.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise CheckpointError(f"{folder}: several LoRA files for the {expert}-noise expert "
+                              f"({', '.join(f.name for f in found[:3])}); keep one, or name it {LORA_FILES[expert]}"
+                              ".safetensors")
     raise CheckpointError(
         f"{folder}: no {LORA_FILES[expert]}.pth or .safetensors (StoryMem LoRA); {download_hint('lora')}")
 
@@ -55,15 +83,17 @@ class ModelPaths:
         lora = d / "StoryMem" / "Wan2.2-MI2V-A14B"
         if not lora.is_dir() and (d / "StoryMem" / LORA_FILES["high"]).with_suffix(".pth").is_file():
             lora = d / "StoryMem"
-        return cls(t2v=d / "Wan2.2-T2V-A14B", i2v=d / "Wan2.2-I2V-A14B", lora=lora)
+        return cls(t2v=_wan_dir(d, "Wan2.2-T2V-A14B"), i2v=_wan_dir(d, "Wan2.2-I2V-A14B"), lora=lora)
 
     def shared_dir(self) -> Path:
         """The folder whose T5, tokenizer and VAE we load (either Wan folder has them)."""
         for d in (self.t2v, self.i2v):
-            if d is not None and (d / T5_FILE).is_file():
+            if d is not None and ((d / T5_FILE).is_file() or (dfmt.is_diffusers_folder(d)
+                                                              and (d / dfmt.TEXT_ENCODER_DIR).is_dir())):
                 return d
         where = " or ".join(str(d) for d in (self.t2v, self.i2v) if d is not None) or "(no model folder given)"
-        raise CheckpointError(f"{where}: {T5_FILE} is missing; {download_hint('t2v')}")
+        what = dfmt.TEXT_ENCODER_DIR + "/" if any(dfmt.is_diffusers_folder(d) for d in (self.t2v, self.i2v)) else T5_FILE
+        raise CheckpointError(f"{where}: {what} is missing; {download_hint('t2v')}")
 
     def check(self, need_t2v: bool, need_m2v: bool) -> None:
         """Fail before any weight is read (and before a render writes anything) if a folder or
@@ -83,7 +113,9 @@ class ModelPaths:
                 raise CheckpointError(f"the story needs the {kind} checkpoint but none was given; {download_hint(kind)}")
             if not d.is_dir():
                 raise CheckpointError(f"{d}: folder does not exist; {download_hint(kind, str(d))}")
-            if kind != "lora":
+            if kind != "lora" and dfmt.is_diffusers_folder(d):
+                dfmt.check_folder(d, kind)
+            elif kind != "lora":
                 for e in EXPERTS.values():
                     if not (d / e / "config.json").is_file():
                         raise CheckpointError(f"{d / e}: config.json is missing; {download_hint(kind, str(d))}")
@@ -92,6 +124,9 @@ class ModelPaths:
                 for e in EXPERTS:
                     find_lora_file(d, e)
         shared = self.shared_dir()
+        if dfmt.is_diffusers_folder(shared):
+            dfmt.check_shared(shared)
+            return
         resolve_paths(shared, None)  # the T5 checkpoint and its tokenizer folder
         if not (shared / VAE_FILE).is_file():
             raise CheckpointError(f"{shared / VAE_FILE} is missing; {download_hint('t2v', str(shared))}")
@@ -137,8 +172,11 @@ class ModelSet:
             from .text_encoder import TextEncoder
 
             d = self.paths.shared_dir()
-            self._text = TextEncoder.from_checkpoint(d / T5_FILE, d / TOKENIZER_DIR, device=self.device,
-                                                     dtype=self.text_dtype)
+            if dfmt.is_diffusers_folder(d):
+                self._text = dfmt.load_text_encoder(d, device=self.device, dtype=self.text_dtype)
+            else:
+                self._text = TextEncoder.from_checkpoint(d / T5_FILE, d / TOKENIZER_DIR, device=self.device,
+                                                         dtype=self.text_dtype)
         return self._text
 
     def free_text_encoder(self) -> None:
@@ -149,8 +187,11 @@ class ModelSet:
         if self._vae is None:
             from .vae import WanVAE
 
-            self._vae = WanVAE.from_checkpoint(self.paths.shared_dir() / VAE_FILE, device=self.device,
-                                               dtype=self.vae_dtype)
+            d = self.paths.shared_dir()
+            if dfmt.is_diffusers_folder(d):
+                self._vae = dfmt.load_vae(d, device=self.device, dtype=self.vae_dtype)
+            else:
+                self._vae = WanVAE.from_checkpoint(d / VAE_FILE, device=self.device, dtype=self.vae_dtype)
         return self._vae
 
     def lora_config(self):

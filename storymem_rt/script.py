@@ -6,13 +6,23 @@ A story script (the schema of StoryMem's ST-Bench, `story/*.json` upstream):
      "scenes": [{"scene_num": 1,
                  "video_prompts": ["shot 1 ...", "shot 2 ..."],
                  "first_frame_prompt": ["...", "..."],      # optional, unused by generation
-                 "cut": [true, false]}, ...]}
+                 "cut": [true, false],
+                 "frames": [81, 33]}, ...]}                 # optional; or "seconds": [5, 2]
 
 `cut[i]` says whether shot i starts with a cut. A shot without a cut continues from the
 previous shot (MI2V / MM2V when enabled), across a scene boundary too. Cut flags may be JSON
 booleans, the strings "true"/"false" in any case (the reference README asks for strings, and
 the reference then treats the string "False" as a cut because `not "False"` is False: we
 parse them), or 0/1. A missing `cut` list means every shot is a cut.
+
+Per-shot length (not in ST-Bench; HoloCine/LongLive-style): `frames[i]` is shot i's frame count,
+4n+1 between MIN_FRAMES and MAX_FRAMES, or `seconds[i]` its duration at 16 fps, rounded to
+the nearest 4n+1 count (1 s -> 17, 2 s -> 33, 5 s -> 81). Either list may hold `null` for a
+shot that takes the default (`--frame-num`); giving both lists in one scene is an error.
+
+Files are read as UTF-8 (a byte order mark is skipped), then as JSON, else as JSON5
+(comments, trailing commas, unquoted keys: the reference reads scripts with the `json5`
+package); CRLF line ends are whitespace in both.
 
 Every problem raises `StoryError("FILE: JSON_PATH: problem; fix")` with a 0-based JSON path
 such as `scenes[2].cut[1]`. Nothing here imports torch: `storymem-rt validate` stays fast.
@@ -21,7 +31,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +47,20 @@ FIRST_SHOT_MODES = ("t2v", "m2v")
 SEED_POLICIES = ("reference", "unique")
 # torch.Generator.manual_seed takes any 64-bit value; we keep seeds in int64 for manifests.
 MAX_SEED = 2**63 - 1
+# Per-shot lengths: the VAE's temporal stride makes every count 4n+1. 5 frames is one latent
+# frame past the first; 161 (10 s) is twice what Wan2.2 was trained on, already a stretch.
+FPS = 16
+DEFAULT_FRAMES = 81
+MIN_FRAMES = 5
+MAX_FRAMES = 161
+# Frames of the previous shot an MI2V / MM2V shot starts from, dropped from its output
+# (storymem_rt.shot.KNOWN_FRAMES; not imported from there: it pulls in torch).
+KNOWN_FRAMES = {"t2v": 0, "m2v": 0, "mi2v": 1, "mm2v": 5}
+
+
+def frames_for_seconds(seconds: float) -> int:
+    """The 4n+1 frame count nearest to `seconds` at 16 fps (halves round up): 1 -> 17, 2 -> 33, 5 -> 81."""
+    return 4 * math.floor((seconds * FPS - 1) / 4 + 0.5) + 1
 
 
 @dataclass(frozen=True)
@@ -45,6 +71,10 @@ class Scene:
     prompts: tuple[str, ...]
     cuts: tuple[bool, ...]
     first_frame_prompts: tuple[str, ...] | None = None  # kept for manifests; generation ignores it
+    # Per-shot frame counts (None: the render's default) and, where the script gave seconds,
+    # the seconds they came from (for the plan); None when the script says nothing.
+    frames: tuple[int | None, ...] | None = None
+    seconds: tuple[float | None, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "prompts", tuple(self.prompts))
@@ -55,6 +85,15 @@ class Scene:
             raise ValueError(f"scene {self.num} has no prompts")
         if len(self.cuts) != len(self.prompts):
             raise ValueError(f"scene {self.num} has {len(self.cuts)} cut flags for {len(self.prompts)} prompts")
+        for name in ("frames", "seconds"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+                if len(value) != len(self.prompts):
+                    raise ValueError(f"scene {self.num} has {len(value)} {name} entries for {len(self.prompts)} prompts")
+        for f in self.frames or ():
+            if f is not None and ((f - 1) % 4 or not MIN_FRAMES <= f <= MAX_FRAMES):
+                raise ValueError(f"scene {self.num}: {f} frames is not 4n+1 in {MIN_FRAMES}..{MAX_FRAMES}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +101,7 @@ class Story:
     name: str
     overview: str
     scenes: tuple[Scene, ...]
+    source: str = "<story>"  # the file, for messages
 
     def __post_init__(self):
         object.__setattr__(self, "scenes", tuple(self.scenes))
@@ -79,7 +119,10 @@ class PlannedShot:
 
     index: 0-based position in the story; scene: the script's `scene_num`; shot: 1-based
     position inside the scene; cut: the effective flag (the story's first shot follows
-    nothing, so it is always a cut whatever the script says).
+    nothing, so it is always a cut whatever the script says); frames: the frames the shot is
+    generated with (its MP4 has `frames - KNOWN_FRAMES[mode]`), None for "the render's
+    --frame-num" when the plan was made without one; seconds: what the script asked for when it
+    gave seconds.
     """
 
     index: int
@@ -89,6 +132,13 @@ class PlannedShot:
     seed: int
     cut: bool
     prompt: str
+    frames: int | None = None
+    seconds: float | None = None
+
+    @property
+    def output_frames(self) -> int | None:
+        """Frames of this shot's MP4: MI2V drops its 1 known frame, MM2V its 5."""
+        return None if self.frames is None else self.frames - KNOWN_FRAMES[self.mode]
 
     @property
     def id(self) -> str:
@@ -96,8 +146,11 @@ class PlannedShot:
         return f"{self.scene:02d}_{self.shot:02d}"
 
     def to_json(self) -> dict:
-        return {"scene": self.scene, "shot": self.shot, "mode": self.mode, "seed": self.seed,
-                "cut": self.cut, "prompt": self.prompt}
+        d = {"scene": self.scene, "shot": self.shot, "mode": self.mode, "seed": self.seed,
+             "cut": self.cut, "prompt": self.prompt, "frames": self.frames}
+        if self.seconds is not None:
+            d["seconds"] = self.seconds
+        return d
 
 
 # --------------------------------------------------------------------------- reading
@@ -174,7 +227,7 @@ class _Checker:
             seen[scene.num] = i
             out.append(scene)
         self.warnings(out)
-        return Story(name=name, overview=overview, scenes=tuple(out))
+        return Story(name=name, overview=overview, scenes=tuple(out), source=self.source)
 
     def scene(self, raw, i: int, seen: dict[int, int]) -> Scene:
         path = f"scenes[{i}]"
@@ -235,8 +288,57 @@ class _Checker:
             for j, p in enumerate(ffp):
                 if not isinstance(p, str):
                     self.fail(f"{fpath}[{j}]", f"must be a string, got {_got(p)}", "write it as text")
+        frames, seconds = self.lengths(raw, path, len(prompts))
         return Scene(num=num, prompts=tuple(prompts), cuts=tuple(cuts),
-                     first_frame_prompts=None if ffp is None else tuple(ffp))
+                     first_frame_prompts=None if ffp is None else tuple(ffp), frames=frames, seconds=seconds)
+
+    def lengths(self, raw: dict, path: str, n: int) -> tuple[tuple | None, tuple | None]:
+        """`frames` / `seconds` of one scene -> (frame counts, the seconds they came from)."""
+        has_f, has_s = raw.get("frames") is not None, raw.get("seconds") is not None
+        if has_f and has_s:
+            self.fail(f"{path}.seconds", 'is given together with "frames"',
+                      'give each scene\'s shot lengths once: "frames" or "seconds"')
+        if not (has_f or has_s):
+            return None, None
+        key = "frames" if has_f else "seconds"
+        lpath = f"{path}.{key}"
+        values = raw[key]
+        example = _show([DEFAULT_FRAMES] * n) if has_f else _show([5] * n)
+        if not isinstance(values, list):
+            self.fail(lpath, f"must be a list with one entry per shot, got {_got(values)}", f"write e.g. {example}")
+        if len(values) != n:
+            self.fail(lpath, f"has {_n(len(values), 'entry', 'entries')} for {_n(n, 'video prompt')}",
+                      "give exactly one entry per prompt (null for the default length)")
+        frames, seconds = [], []
+        for j, v in enumerate(values):
+            at = f"{lpath}[{j}]"
+            if v is None:
+                frames.append(None)
+                seconds.append(None)
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                number = isinstance(v, (int, float)) and not isinstance(v, bool)  # JSON5's NaN / Infinity
+                self.fail(at, f"must be a {'finite ' * number}number, got {_got(v)}",
+                          f"write the shot's {'frame count, e.g. 81' if has_f else 'duration in seconds, e.g. 5'}")
+            if has_f:
+                if v != int(v) or (int(v) - 1) % 4:
+                    lo = max(MIN_FRAMES, 4 * math.floor((v - 1) / 4) + 1)
+                    self.fail(at, f"{_show(v)} is not a valid frame count (4n+1: ..., 17, 33, 49, 65, 81, ...)",
+                              f"use {lo} or {lo + 4}")
+                f = int(v)
+                if not MIN_FRAMES <= f <= MAX_FRAMES:
+                    self.fail(at, f"{f} frames is outside {MIN_FRAMES}..{MAX_FRAMES}",
+                              f"use a 4n+1 count from {MIN_FRAMES} to {MAX_FRAMES} (about {MAX_FRAMES // FPS} s)")
+                frames.append(f)
+                seconds.append(None)
+            else:
+                f = frames_for_seconds(v)
+                if not MIN_FRAMES <= f <= MAX_FRAMES:
+                    self.fail(at, f"{_show(v)} s gives {f} frames at {FPS} fps, outside {MIN_FRAMES}..{MAX_FRAMES}",
+                              f"use 0.3 to {MAX_FRAMES // FPS} seconds")
+                frames.append(f)
+                seconds.append(float(v))
+        return tuple(frames), (tuple(seconds) if has_s else None)
 
     def cut(self, value, path: str) -> bool:
         if isinstance(value, bool):
@@ -278,24 +380,56 @@ def load_story(path: str | os.PathLike) -> Story:
         raise StoryError(f"{source}: is a folder; pass the story's JSON file") from None
     except OSError as e:
         raise StoryError(f"{source}: cannot be read ({e.strerror or e}); check the file and its permissions") from None
+    for bom, name in _OTHER_BOMS:
+        if raw.startswith(bom):
+            raise StoryError(f"{source}: byte 0: not UTF-8 text (a {name} byte order mark); "
+                             "save the script as UTF-8 JSON")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise StoryError(f"{source}: byte {e.start}: not UTF-8 text; save the script as UTF-8 JSON") from None
+    if "\x00" in text:
+        raise StoryError(f"{source}: holds NUL characters, so it is not a text file; save the script as UTF-8 JSON")
+    return parse_story(_decode(text, source), source)
+
+
+# Byte order marks of encodings we refuse (checked before UTF-8; UTF-32 LE starts like UTF-16 LE).
+_OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+               (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+_JSON5_ERROR = re.compile(r"^<string>:(\d+) (.+) at column (\d+)$")
+
+
+def _decode(text: str, source: str):
+    """JSON, else JSON5 (the reference's loader). On failure, the error of the parser that got
+    further (by lines): a plain-JSON mistake keeps json's message, a JSON5 file its JSON5 position."""
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise StoryError(f"{source}: line {e.lineno} col {e.colno}: invalid JSON ({e.msg}); "
-                         "fix the syntax there") from None
+        json_err = (e.lineno, e.colno, f"invalid JSON ({e.msg})")
     except RecursionError:
         raise StoryError(f"{source}: nested too deeply to be a story script; check the file") from None
-    return parse_story(data, source)
+    import json5
+
+    try:
+        return json5.loads(text)
+    except RecursionError:
+        raise StoryError(f"{source}: nested too deeply to be a story script; check the file") from None
+    except ValueError as e:
+        m = _JSON5_ERROR.match(str(e).splitlines()[0] if str(e) else "")
+        err = json_err
+        # json5 reports the character after the one json stops at; a later line means the
+        # file got past JSON5-only syntax (a comment, a trailing comma) before its real error.
+        if m is not None and int(m[1]) > json_err[0]:
+            err = (int(m[1]), int(m[3]), f"invalid JSON5 ({m[2]})")
+    line, col, what = err
+    raise StoryError(f"{source}: line {line} col {col}: {what}; fix the syntax there")
 
 
 # --------------------------------------------------------------------------- planning
 
 def plan_shots(story: Story, *, first_shot: str = "t2v", mi2v: bool = False, mm2v: bool = False,
-               reference_images: bool = False, seed: int = 0, seed_policy: str = "reference") -> list[PlannedShot]:
+               reference_images: bool = False, seed: int = 0, seed_policy: str = "reference",
+               frame_num: int | None = None) -> list[PlannedShot]:
     """The story's shots in render order, each with its mode and seed.
 
     Matches the reference's pipeline.py: the first shot is T2V (`first_shot="t2v"`) or M2V
@@ -303,7 +437,10 @@ def plan_shots(story: Story, *, first_shot: str = "t2v", mi2v: bool = False, mm2
     shot is M2V, or MI2V / MM2V when its cut flag is false and `mi2v` / `mm2v` is on (the
     previous shot may end the previous scene). Seeds: `seed + i`, i the shot's 0-based
     index inside its scene (reference: every scene restarts at `seed`), or with
-    `seed_policy="unique"` `seed + index` over the whole story.
+    `seed_policy="unique"` `seed + index` over the whole story. Frames: the script's per-shot
+    length, else `frame_num` (None: left to the render's `--frame-num`); a shot that would keep
+    no frame after dropping its known ones (a 5-frame MM2V shot), or an MM2V shot after one that
+    keeps fewer than 5, raises StoryError naming the shots.
     """
     if first_shot not in FIRST_SHOT_MODES:
         raise ValueError(f"first_shot must be one of {FIRST_SHOT_MODES}, got {first_shot!r}")
@@ -313,9 +450,11 @@ def plan_shots(story: Story, *, first_shot: str = "t2v", mi2v: bool = False, mm2
         raise ValueError("mi2v and mm2v cannot both be on: a shot without a cut continues one way")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if frame_num is not None and ((frame_num - 1) % 4 or frame_num < 1):
+        raise ValueError(f"frame_num must be 4n+1, got {frame_num}")
     shots = []
     index = 0
-    for scene in story.scenes:
+    for si, scene in enumerate(story.scenes):
         for i, (prompt, cut) in enumerate(zip(scene.prompts, scene.cuts)):
             if index == 0:
                 mode = "m2v" if reference_images or first_shot == "m2v" else "t2v"
@@ -329,10 +468,37 @@ def plan_shots(story: Story, *, first_shot: str = "t2v", mi2v: bool = False, mm2
             shot_seed = seed + (i if seed_policy == "reference" else index)
             if shot_seed > MAX_SEED:
                 raise ValueError(f"seed {seed} + {shot_seed - seed} exceeds {MAX_SEED}; use a smaller seed")
+            frames = scene.frames[i] if scene.frames is not None and scene.frames[i] is not None else frame_num
+            seconds = scene.seconds[i] if scene.seconds is not None else None
+            if frames is None:
+                pass  # the render's --frame-num: RenderSettings checks it
+            elif frames <= KNOWN_FRAMES[mode] and (scene.frames is None or scene.frames[i] is None):
+                # The default length: an option's problem (RenderSettings words it), not the script's.
+                raise ValueError(f"--frame-num {frame_num} leaves no new frames in {mode.upper()} shot "
+                                 f"{scene.num:02d}_{i + 1:02d} after its {KNOWN_FRAMES[mode]} known frame(s)")
+            elif frames <= KNOWN_FRAMES[mode]:
+                key = "seconds" if scene.seconds is not None else "frames"
+                raise StoryError(f"{story.source}: scenes[{si}].{key}[{i}]: shot {scene.num:02d}_{i + 1:02d} is "
+                                 f"{mode.upper()} and its {frames} frames leave none after its "
+                                 f"{KNOWN_FRAMES[mode]} known frames; give it {KNOWN_FRAMES[mode] + 4} frames or more")
             shots.append(PlannedShot(index=index, scene=scene.num, shot=i + 1, mode=mode, seed=shot_seed,
-                                     cut=cut, prompt=prompt))
+                                     cut=cut, prompt=prompt, frames=frames, seconds=seconds))
             index += 1
+    check_continuations(shots, story.source)
     return shots
+
+
+def check_continuations(shots: list[PlannedShot], source: str) -> None:
+    """An MI2V / MM2V shot starts from the last 1 / 5 frames of the shot before, which must keep
+    that many (MM2V after a 9-frame MM2V shot would find 4). Shots without a length yet are skipped."""
+    for prev, shot in zip(shots, shots[1:]):
+        k = KNOWN_FRAMES[shot.mode]
+        if prev.frames is None or k <= prev.output_frames:
+            continue
+        need = k + prev.frames - prev.output_frames
+        need = 4 * math.ceil((need - 1) / 4) + 1  # the smallest 4n+1 count that keeps enough
+        raise StoryError(f"{source}: shot {shot.id} is {shot.mode.upper()} and needs the last {k} frames of shot "
+                         f"{prev.id}, which keeps only {prev.output_frames}; give shot {prev.id} {need} frames or more")
 
 
 @dataclass(frozen=True)
@@ -357,10 +523,10 @@ class PlanSettings:
         if self.reference_images and self.first_shot != "m2v":
             raise ValueError("reference images are the first shot's memory: the first shot must be m2v")
 
-    def plan(self, story: Story) -> list[PlannedShot]:
+    def plan(self, story: Story, frame_num: int | None = None) -> list[PlannedShot]:
         return plan_shots(story, first_shot=self.first_shot, mi2v=self.mi2v, mm2v=self.mm2v,
                           reference_images=bool(self.reference_images), seed=self.seed,
-                          seed_policy=self.seed_policy)
+                          seed_policy=self.seed_policy, frame_num=frame_num)
 
     def to_json(self) -> dict:
         d = asdict(self)

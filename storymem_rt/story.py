@@ -9,7 +9,8 @@ its output folder. Here the state is ours:
   most `max_size` (StoryMem pipeline.py: `bank[:fix] + bank[-(max - fix):]`), chronological.
 - Text states of every prompt are encoded first (once per distinct prompt, the negative prompt
   once per story), then the text encoder is freed.
-- The all-zeros condition latent of M2V shots is encoded once per size and frame count.
+- The all-zeros condition latent of M2V shots is encoded once per size and frame count (shots
+  may have their own lengths: `PlannedShot.frames`, from the script's `frames` / `seconds`).
 - `render.json` (the manifest) + `state/` (memory bank and the previous shot's last frames as
   safetensors) make a render resumable: finished shots are skipped, a different set of
   settings on an existing folder is refused. Every file is written to a temporary name and
@@ -30,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from .configs import (DEFAULT_FRAME_NUM, DEFAULT_MAX_MEMORY, DEFAULT_NEGATIVE_PROMPT, DEFAULT_SIZE, SamplingConfig,
                       read_json)
 from .errors import StoryMemError
-from .script import PlannedShot, PlanSettings, Story
+from .script import PlannedShot, PlanSettings, Story, check_continuations
 from .shot import KNOWN_FRAMES
 
 log = logging.getLogger("storymem_rt")
@@ -85,16 +86,18 @@ class RenderSettings:
         if self.frame_num <= known:
             raise ValueError(f"--frame-num {self.frame_num} leaves no new frames after {known} known frame(s)")
 
-    def sampling(self, kind: str) -> SamplingConfig:
+    def sampling(self, kind: str, frame_num: int | None = None) -> SamplingConfig:
+        """The sampling config of one shot; `frame_num` is the shot's own length (default: --frame-num)."""
         shift, boundary = (self.t2v_shift, self.t2v_boundary) if kind == "t2v" else (self.m2v_shift, self.m2v_boundary)
         if self.preview:
             p = self.preview
             return SamplingConfig(shift=p["shift"], boundary=boundary, sample_steps=len(p["step_list"]),
-                                  guide_scale=self.guide_scale, frame_num=self.frame_num, solver="distill",
+                                  guide_scale=self.guide_scale, frame_num=frame_num or self.frame_num,
+                                  solver="distill",
                                   negative_prompt=self.negative_prompt, step_list=tuple(p["step_list"]),
                                   boundary_step=p["boundary_step"], guided=tuple(p["guided"]))
         return SamplingConfig(shift=shift, boundary=boundary, sample_steps=self.sample_steps,
-                              guide_scale=self.guide_scale, frame_num=self.frame_num, solver=self.solver,
+                              guide_scale=self.guide_scale, frame_num=frame_num or self.frame_num, solver=self.solver,
                               negative_prompt=self.negative_prompt)
 
     def to_json(self) -> dict:
@@ -325,13 +328,16 @@ class StoryRenderer:
     # ---- the loop
 
     def render(self, story: Story, plan: list[PlannedShot]) -> dict:
-        from .media import concat_videos, remove_stale_temp_files, save_image, storyboard, write_video
+        from .media import concat_videos, remove_stale_temp_files, save_image, write_video
         from .shot import ShotSpec, generate_shot, synced_clock
 
         def clock() -> float:  # stage timings at synchronized points: true on a GPU
             return synced_clock(self.device)
 
         s = self.settings
+        # Shots the plan left to --frame-num get this render's default length.
+        plan = [dataclasses.replace(p, frames=s.frame_num) if p.frames is None else p for p in plan]
+        check_continuations(plan, story.source)
         manifest = self._load_manifest(story, plan)
         done = manifest["shots"]
         todo = [p for p in plan if p.id not in done]
@@ -364,7 +370,7 @@ class StoryRenderer:
         for shot in todo:
             kind = "t2v" if shot.mode == "t2v" else "m2v"
             spec = ShotSpec(mode=shot.mode, prompt=shot.prompt, seed=shot.seed, size=s.size,
-                            sampling=s.sampling(kind), reference_mi2v_bug=s.reference_mi2v_bug)
+                            sampling=s.sampling(kind, shot.frames), reference_mi2v_bug=s.reference_mi2v_bug)
             known = None
             if spec.known_frames:
                 if last_frames is None:
@@ -378,7 +384,7 @@ class StoryRenderer:
             t0 = clock()
             experts = self.models.experts(kind)
             t["load"] = clock() - t0
-            cond = self.cond_latent(s.size, s.frame_num) if kind == "m2v" else None
+            cond = self.cond_latent(s.size, shot.frames) if kind == "m2v" else None
             steps = _bar(total=s.sample_steps, desc=f"shot {shot.id} ({shot.mode})", enabled=self.progress,
                          leave=False)
             res = generate_shot(experts, self.models.vae, spec, contexts[shot.prompt],
@@ -413,21 +419,36 @@ class StoryRenderer:
         final = self.out / f"{_slug(story.name)}.mp4"
         t0 = clock()
         concat_videos(shots, final, fps=s.fps)
-        rows = []
-        by_source = {e.source: e for e in bank.entries}
-        refs = [e for e in bank.entries if e.source.startswith("ref:")]
-        if refs:
-            rows.append(("reference", [e.thumb for e in refs]))
-        for p in plan:
-            thumbs = [by_source[k].thumb for k in done[p.id]["keyframes"] if k in by_source]
-            rows.append((f"{p.id} {p.mode}", thumbs))
-        storyboard(rows, self.out / "storyboard.png")
+        self.storyboard(story, plan, done, bank)
         timings_total["final"] = clock() - t0
         manifest["final"] = {"video": final.name, "storyboard": "storyboard.png",
                              "frames": sum(done[p.id]["frames"] for p in plan)}
         manifest["timings_this_run"] = {k: round(v, 4) for k, v in timings_total.items()}
         _atomic_json(self._manifest_path(), manifest)
         return manifest
+
+    def storyboard(self, story: Story, plan: list[PlannedShot], done: dict, bank: MemoryBank) -> None:
+        """storyboard.png: per shot its prompt, mode, length, memory and keyframes (storymem_rt.storyboard)."""
+        from .storyboard import ShotRow, render_storyboard
+
+        by_source = {e.source: e for e in bank.entries}
+        rows = []
+        refs = [(e.source, e.thumb) for e in bank.entries if e.source.startswith("ref:")]
+        if refs:
+            rows.append(ShotRow.references(refs))
+        prev = None
+        for p in plan:
+            d = done[p.id]
+            rows.append(ShotRow(
+                shot_id=p.id, mode=p.mode, frames=d["frames"], cut=p.cut, prompt=p.prompt, seconds=p.seconds,
+                memory=[(k, by_source[k].thumb) for k in d["memory"] if k in by_source],
+                keyframes=[(int(k.rsplit(":", 1)[1]), by_source[k].thumb) for k in d["keyframes"] if k in by_source],
+                continues=None if p.cut else prev))
+            prev = p.id
+        total = sum(done[p.id]["frames"] for p in plan)
+        title = (f"{story.name}: {len(plan)} shot{'s' * (len(plan) != 1)}, {total} frames "
+                 f"({total / self.settings.fps:.1f} s)")
+        render_storyboard(rows, self.out / "storyboard.png", title=title)
 
 
 def _slug(name: str) -> str:

@@ -263,3 +263,70 @@ def ensure_tiny_distill(root: str | Path, seed: int = 0) -> dict[str, Path]:
                 file = f"wan2.2_{name}_tiny_{tag}_noise_lora_rank4_4step.safetensors"
                 save_file(state, str(tmp / file), metadata={"format": "pt"})
     return out
+
+
+# --------------------------------------------------------------------------- the diffusers layout
+
+DIFFUSERS_PIPELINES = {"Wan2.2-T2V-A14B": ("WanPipeline", 0.875), "Wan2.2-I2V-A14B": ("WanImageToVideoPipeline", 0.9)}
+
+
+def make_tiny_diffusers_models(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """The tiny bundle's very weights in diffusers' layout (`Wan2.2-{T2V,I2V}-A14B-Diffusers/`:
+    `transformer/` (sharded), `transformer_2/`, `text_encoder/`, `tokenizer/`, `vae/`,
+    `model_index.json`), written by diffusers' and transformers' own `save_pretrained`, the DiT
+    keys converted by diffusers' own `convert_wan_transformer_to_diffusers` (not by our map, so
+    tests compare two independent conversions). StoryMem's LoRA is copied as it is."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    from safetensors.torch import load_file
+
+    from .checkpoint import safetensors_files
+    from .text_encoder import TextEncoder
+    from .vae import WanVAE
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True or pick another folder")
+        shutil.rmtree(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-diffusers-", dir=out_dir.parent))
+    try:
+        src = make_tiny_models(tmp / "upstream", seed=seed)
+        for name, (pipeline, boundary) in DIFFUSERS_PIPELINES.items():
+            root = tmp / f"{name}-Diffusers"
+            for expert, sub, shard in (("high_noise_model", "transformer", "300KB"),
+                                       ("low_noise_model", "transformer_2", "10GB")):
+                cfg = DiTConfig.from_json(src / name / expert / "config.json")
+                model = WanTransformer3DModel(
+                    patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+                    in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+                    ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=cfg.cross_attn_norm,
+                    qk_norm="rms_norm_across_heads", eps=cfg.eps)
+                state = {}
+                for f in safetensors_files(src / name / expert):
+                    state.update(load_file(str(f)))
+                model.load_state_dict(convert_wan_transformer_to_diffusers(state), strict=True)
+                model.save_pretrained(root / sub, max_shard_size=shard)
+            te = TextEncoder.from_checkpoint(src / name, device="cpu", dtype=torch.float32)
+            te.model.save_pretrained(root / "text_encoder")
+            te.tokenizer.save_pretrained(root / "tokenizer")
+            WanVAE.from_checkpoint(src / name, device="cpu").model.save_pretrained(root / "vae")
+            index = {"_class_name": pipeline, "_diffusers_version": "0.35.0", "boundary_ratio": boundary,
+                     "expand_timesteps": False, "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+                     "text_encoder": ["transformers", "UMT5EncoderModel"],
+                     "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+                     "transformer": ["diffusers", "WanTransformer3DModel"],
+                     "transformer_2": ["diffusers", "WanTransformer3DModel"],
+                     "vae": ["diffusers", "AutoencoderKLWan"]}
+            (root / "model_index.json").write_text(json.dumps(index, indent=2))
+        shutil.move(str(src / "StoryMem"), str(tmp / "StoryMem"))
+        meta = json.loads((src / "storymem_tiny.json").read_text())
+        (tmp / "storymem_tiny.json").write_text(json.dumps({**meta, "layout": "diffusers"}, indent=2))
+        shutil.rmtree(src)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote tiny model bundle (diffusers layout) to %s", out_dir)
+    return out_dir

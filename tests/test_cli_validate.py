@@ -48,6 +48,7 @@ def test_validate_stbench(path, stbench, tmp_path):
     r = ok(invoke(["validate", path, "--json", "--mi2v"], tmp_path))
     shots = json.loads(r.stdout)["shots"]
     assert len(shots) == n and shots[0]["mode"] == "t2v"
+    assert {s["frames"] for s in shots} == {81}  # no per-shot lengths in ST-Bench: every shot as the reference
     assert [s["prompt"] for s in shots] == [p for sc in raw["scenes"] for p in sc["video_prompts"]]
     n_continue = sum(not c for sc in raw["scenes"] for c in sc["cut"]) - (not raw["scenes"][0]["cut"][0])
     assert sum(s["mode"] == "mi2v" for s in shots) == n_continue
@@ -66,11 +67,11 @@ def test_validate_json_plan(dirs):
     p = write_story(inp, INLINE)
     r = ok(invoke(["validate", p, "--json", "--mi2v", "--seed", "7"], cwd))
     assert json.loads(r.stdout) == {"shots": [
-        {"scene": 1, "shot": 1, "mode": "t2v", "seed": 7, "cut": True, "prompt": "a1"},
-        {"scene": 1, "shot": 2, "mode": "mi2v", "seed": 8, "cut": False, "prompt": "a2"},
-        {"scene": 1, "shot": 3, "mode": "m2v", "seed": 9, "cut": True, "prompt": "a3"},
-        {"scene": 2, "shot": 1, "mode": "m2v", "seed": 7, "cut": True, "prompt": "b1"},
-        {"scene": 2, "shot": 2, "mode": "mi2v", "seed": 8, "cut": False, "prompt": "b2"},
+        {"scene": 1, "shot": 1, "mode": "t2v", "seed": 7, "cut": True, "prompt": "a1", "frames": 81},
+        {"scene": 1, "shot": 2, "mode": "mi2v", "seed": 8, "cut": False, "prompt": "a2", "frames": 81},
+        {"scene": 1, "shot": 3, "mode": "m2v", "seed": 9, "cut": True, "prompt": "a3", "frames": 81},
+        {"scene": 2, "shot": 1, "mode": "m2v", "seed": 7, "cut": True, "prompt": "b1", "frames": 81},
+        {"scene": 2, "shot": 2, "mode": "mi2v", "seed": 8, "cut": False, "prompt": "b2", "frames": 81},
     ]}
     assert r.stderr == ""
 
@@ -114,7 +115,9 @@ def test_validate_text_output(dirs):
     assert list(rows) == ["01_01", "01_02", "01_03", "02_01", "02_02"]
     assert rows["01_02"][:4] == ["01_02", "mi2v", "1", "no"]
     assert rows["02_01"][-1].endswith("...") and len(out[5]) < 120
-    assert out[-1] == "ok: t2v 1, m2v 2, mi2v 2"
+    assert rows["01_01"][4] == "81" and rows["01_02"][4:7] == ["81", "->", "80"]  # MI2V drops 1 frame
+    # 5 shots of 81 frames, two MI2V shots keep 80: 403 frames, 25.2 s.
+    assert out[-1] == "ok: t2v 1, m2v 2, mi2v 2; 403 frames (25.2 s at 16 fps)"
 
 
 def test_validate_warns_on_stderr(dirs):
@@ -156,6 +159,15 @@ def _del(path):
         for k in path[:-1]:
             target = target[k]
         del target[path[-1]]
+        return d
+    return f
+
+
+def _lengths(scene: int, key: str, first):
+    """Give scene `scene` a `key` list (frames/seconds) whose first entry is `first`, the rest valid."""
+    def f(d):
+        n = len(d["scenes"][scene]["video_prompts"])
+        d["scenes"][scene][key] = [first] + [81 if key == "frames" else 5] * (n - 1)
         return d
     return f
 
@@ -207,6 +219,37 @@ BROKEN = [
     ("first_frame_prompt_not_string", lambda d: _set(["scenes", 1, "first_frame_prompt"],
                                                      [3] * len(d["scenes"][1]["video_prompts"]))(d),
      "scenes[1].first_frame_prompt[0]"),
+    # per-shot lengths (issue 16)
+    ("frames_not_4n1", _lengths(1, "frames", 18), "scenes[1].frames[0]: 18 is not a valid frame count"),
+    ("frames_float", _lengths(1, "frames", 33.5), "scenes[1].frames[0]: 33.5 is not a valid frame count"),
+    ("frames_too_long", _lengths(0, "frames", 165), "scenes[0].frames[0]: 165 frames is outside 5..161"),
+    ("frames_too_short", _lengths(1, "frames", 1), "scenes[1].frames[0]: 1 frames is outside 5..161"),
+    ("frames_string", _lengths(1, "frames", "81"), "scenes[1].frames[0]: must be a number"),
+    ("frames_bool", _lengths(0, "frames", True), "scenes[0].frames[0]: must be a number"),
+    ("frames_not_list", _set(["scenes", 0, "frames"], 81), "scenes[0].frames: must be a list"),
+    ("frames_too_few", lambda d: _set(["scenes", 1, "frames"], [81] * (len(d["scenes"][1]["video_prompts"]) - 1))(d),
+     "scenes[1].frames: has"),
+    ("frames_too_many", lambda d: _set(["scenes", 0, "frames"], [81] * (len(d["scenes"][0]["video_prompts"]) + 1))(d),
+     "scenes[0].frames: has"),
+    ("frames_and_seconds", lambda d: _lengths(0, "seconds", 5)(_lengths(0, "frames", 81)(d)),
+     'scenes[0].seconds: is given together with "frames"'),
+    ("seconds_too_long", _lengths(1, "seconds", 30), "scenes[1].seconds[0]: 30 s gives 481 frames"),
+    ("seconds_negative", _lengths(0, "seconds", -1), "scenes[0].seconds[0]: -1 s gives"),
+    ("seconds_string", _lengths(0, "seconds", "5s"), "scenes[0].seconds[0]: must be a number"),
+    ("seconds_infinity", _text(lambda s: s.replace('"scenes": [', '"scenes": [{"scene_num": 99, "video_prompts": ["x"], '
+                                                    '"seconds": [Infinity]},', 1)),
+     "scenes[0].seconds[0]: must be a finite number, got a number Infinity"),
+    ("seconds_not_list", _set(["scenes", 1, "seconds"], 5), "scenes[1].seconds: must be a list"),
+    ("seconds_too_few", lambda d: _set(["scenes", 0, "seconds"], [5] * (len(d["scenes"][0]["video_prompts"]) - 1))(d),
+     "scenes[0].seconds: has"),
+    # formats
+    ("json5_error_after_a_comment", _text(lambda s: "// a comment\n" + s.replace('"scenes": [', '"scenes": [}', 1)),
+     re.compile(r"line \d+ col \d+: invalid JSON5? \(")),
+    ("utf16_be", lambda d: b"\xfe\xff" + json.dumps(d).encode("utf-16-be"), "not UTF-8 text (a UTF-16 byte order mark)"),
+    ("utf32", lambda d: json.dumps(d).encode("utf-32"), "not UTF-8 text (a UTF-32 byte order mark)"),
+    ("latin1", lambda d: json.dumps(d, ensure_ascii=False).replace('"scenes"', '"caf\u00e9", "scenes"', 1)
+     .encode("latin-1", errors="replace"), "not UTF-8"),
+    ("nul_bytes", lambda d: json.dumps(d).encode() + b"\x00\x00", "NUL characters"),
 ]
 
 
@@ -317,3 +360,68 @@ def test_help_lists_reference_options(tmp_path):
                 "--reference-images", "--json"):
         assert opt in r.stdout
     assert ok(invoke(["--version"], tmp_path)).stdout.strip().endswith("0.1.0")
+
+
+# --------------------------------------------------------------------------- issue 16: lengths and formats
+
+JSON5_STORY = """\ufeff// A story as people write it: comments, trailing commas, unquoted keys.
+{
+  story_name: "Inline",
+  story_overview: 'A test story.',   /* single quotes too */
+  scenes: [
+    {scene_num: 1, video_prompts: ["a1", "a2", "a3",], first_frame_prompt: ["f1", "f2", "f3"],
+     cut: [true, false, true,],},
+    {scene_num: 2, video_prompts: ["b1", "b2"], cut: [true, false]},
+  ],
+}
+"""
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["lf", "crlf"])
+def test_json5_bom_crlf_give_the_plain_plan(dirs, newline):
+    inp, cwd = dirs
+    plain = ok(invoke(["validate", write(inp, INLINE), "--json", "--mi2v"], cwd)).stdout
+    p = inp / "story.json5"
+    p.write_bytes(JSON5_STORY.replace("\n", newline).encode("utf-8"))
+    assert p.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert ok(invoke(["validate", p, "--json", "--mi2v"], cwd)).stdout == plain
+    p.write_bytes(("\ufeff" + json.dumps(INLINE, indent=2)).replace("\n", newline).encode("utf-8"))
+    assert ok(invoke(["validate", p, "--json", "--mi2v"], cwd)).stdout == plain
+
+
+def test_lengths_in_the_plan(dirs):
+    inp, cwd = dirs
+    data = copy.deepcopy(INLINE)
+    data["scenes"][0]["frames"] = [17, None, 33]
+    data["scenes"][1]["seconds"] = [5, 1.2]
+    p = write(inp, data)
+    shots = json.loads(ok(invoke(["validate", p, "--json", "--mm2v", "--frame-num", "49"], cwd)).stdout)["shots"]
+    # null takes --frame-num; 1.2 s = 19.2 frames -> the nearest 4n+1 is 21; 5 s -> 81
+    assert [s["frames"] for s in shots] == [17, 49, 33, 81, 21]
+    assert [s.get("seconds") for s in shots] == [None, None, None, 5.0, 1.2]
+    assert [s["mode"] for s in shots] == ["t2v", "mm2v", "m2v", "m2v", "mm2v"]
+    out = ok(invoke(["validate", p, "--mm2v", "--frame-num", "49"], cwd)).stdout.splitlines()
+    rows = {line.split()[0]: line for line in out[2:-1]}
+    assert " 49 -> 44 " in rows["01_02"] and " 21 -> 16 (1.2 s) " in rows["02_02"] and " 81 (5 s) " in rows["02_01"]
+    assert out[-1] == "ok: t2v 1, m2v 2, mm2v 2; 191 frames (11.9 s at 16 fps)"  # 17 + 44 + 33 + 81 + 16
+
+
+def test_a_shot_too_short_for_mm2v(dirs):
+    """5 frames are valid, but an MM2V shot drops 5: the error names the scene, the shot and the mode."""
+    inp, cwd = dirs
+    data = copy.deepcopy(INLINE)
+    data["scenes"][1]["frames"] = [81, 5]
+    p = write(inp, data)
+    ok(invoke(["validate", p, "--mi2v"], cwd))  # MI2V keeps 4 of them
+    r = invoke(["validate", p, "--mm2v"], cwd)
+    assert r.exit_code == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert lines == [f"Error: {p}: scenes[1].frames[1]: shot 02_02 is MM2V and its 5 frames leave none after its "
+                     "5 known frames; give it 9 frames or more"]
+
+
+def test_frame_num_option_of_validate(dirs):
+    inp, cwd = dirs
+    p = write(inp, INLINE)
+    r = invoke(["validate", p, "--frame-num", "80"], cwd)
+    assert r.exit_code == 2 and "4n+1" in r.stderr and len(r.stderr.strip().splitlines()) == 1

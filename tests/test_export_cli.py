@@ -47,6 +47,8 @@ def test_build_engines_onnx_fp8_then_noop_then_doctor(tmp_path):
     assert f"tensorrt     not installed; {INSTALL}" in r.output
     assert "onnxruntime  1." in r.output and "torch        2." in r.output
     assert r.output.count("usable  ") == 6 and "UNUSABLE" not in r.output
+    # ONNX graphs take any shot length (issue 16: doctor says which lengths are prebuilt).
+    assert "lengths      no length-specific artifacts here" in r.output
     r = cli("doctor", "--engines", str(tmp_path / "none"))
     assert r.exit_code == 0 and "no manifest.json" in r.output
 
@@ -123,3 +125,13 @@ def test_aoti_package_serves_memory_sizes(golden, tmp_path):
             ref = m(x, t, ctx, y, frame_pos)
         out = runner(x, t, ctx, y, frame_pos)
         assert float((out - ref).norm() / ref.norm()) <= 1e-5
+
+
+def test_doctor_lists_prebuilt_lengths_per_size():
+    from storymem_rt.export.doctor import prebuilt_lengths
+
+    recs = [{"size": [832, 480], "frame_num": 81}, {"size": [832, 480], "frame_num": 33},
+            {"size": [480, 832], "frame_num": 81}, {"size": None, "frame_num": None}]
+    assert prebuilt_lengths(recs) == ("lengths      prebuilt for 480*832: 81 frames; 832*480: 33, 81 frames; "
+                                      "shots of other lengths run without them (compiled on first use)")
+    assert prebuilt_lengths([{"size": None}]).startswith("lengths      no length-specific artifacts")

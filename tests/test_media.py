@@ -1,4 +1,4 @@
-"""Video and image files: round trips, atomic writes, concatenation, storyboard, clear errors."""
+"""Video and image files: round trips, atomic writes, concatenation, clear errors."""
 from __future__ import annotations
 
 from fractions import Fraction
@@ -13,7 +13,7 @@ from storymem_rt.errors import StoryMemError
 from storymem_rt.media import (
     TEMP_MARKER, atomic_path, atomic_write_bytes, concat_videos, float_to_uint8_round,
     float_to_uint8_truncate, load_image, probe_video, read_video, remove_stale_temp_files, save_image,
-    storyboard, video_to_uint8, write_video,
+    video_to_uint8, write_video,
 )
 
 FR, H, W = 17, 96, 160
@@ -173,32 +173,3 @@ def test_image_round_trip_and_errors(tmp_path):
     full.write_bytes(full.read_bytes()[:200])
     with pytest.raises(StoryMemError, match="trunc.png"):
         load_image(full)
-
-
-def test_storyboard_layout_and_content(tmp_path):
-    red = torch.zeros(480, 832, 3, dtype=torch.uint8)
-    red[..., 0] = 255
-    blue = torch.zeros(3, 240, 240)
-    blue[2] = 1.0
-    blue[:2] = -1.0  # float CHW in [-1, 1]: pure blue
-    green = Image.new("RGB", (416, 240), (0, 255, 0))
-    th, lw, pad = 60, 150, 6
-    rows = [("scene 1 shot 1 (t2v)", [red, blue]), ("scene 1 shot 2 (m2v) a long label that wraps", [green]),
-            ("scene 2 shot 1", [])]
-    p = storyboard(rows, tmp_path / "storyboard.png", thumb_height=th, label_width=lw, pad=pad)
-    im = np.asarray(Image.open(p).convert("RGB"))
-    red_w, blue_w, green_w = round(832 * th / 480), th, round(416 * th / 240)
-    assert im.shape == (pad + 3 * (th + pad), lw + pad + red_w + pad + blue_w + pad, 3)
-    row_y = [pad + r * (th + pad) + th // 2 for r in range(3)]
-    x0 = lw + pad
-    assert tuple(im[row_y[0], x0 + red_w // 2]) == (255, 0, 0)
-    assert tuple(im[row_y[0], x0 + red_w + pad + blue_w // 2]) == (0, 0, 255)
-    assert tuple(im[row_y[1], x0 + green_w // 2]) == (0, 255, 0)
-    bg = np.array([24, 24, 24])
-    for r in range(3):  # every row has its label drawn
-        label = im[pad + r * (th + pad): pad + r * (th + pad) + th, pad: lw - pad]
-        assert (np.abs(label.astype(int) - bg).sum(-1) > 100).any()
-    assert (im[row_y[2], x0:] == bg).all(-1).mean() > 0.5  # the empty shot has no thumbnails
-    assert _no_temp_files(tmp_path)
-    with pytest.raises(ValueError):
-        storyboard([], tmp_path / "empty.png")

@@ -23,6 +23,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import cli, inline_story, write_story
+from storymem_rt import storyboard as sb
+from storymem_rt.cli import main
 from storymem_rt.media import probe_video, read_video
 from storymem_rt.story import MemoryBank, MemoryEntry
 
@@ -145,8 +147,9 @@ def _check_outputs(out: Path, frame_num: int) -> dict:
     with Image.open(out / m["final"]["storyboard"]) as im:
         assert im.format == "PNG"
         refs = 1 if m["settings"]["plan"]["reference_images"] else 0
-        # media.storyboard: height = pad + rows * (thumb_height + pad), one row per shot (+ references).
-        assert im.height == 8 + (len(m["plan"]) + refs) * (144 + 8)
+        # storymem_rt.storyboard: one row per shot (+ one for the references), separators between rows.
+        n = len(m["plan"]) + refs
+        assert im.height == sb.TITLE_HEIGHT + n * sb.ROW_HEIGHT + (n - 1) * sb.SEPARATOR + sb.PAD
     return m
 
 
