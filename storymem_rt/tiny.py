@@ -289,9 +289,7 @@ def make_tiny_diffusers_models(out_dir: str | Path, seed: int = 0, overwrite: bo
         if not overwrite:
             raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True or pick another folder")
         shutil.rmtree(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-diffusers-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         src = make_tiny_models(tmp / "upstream", seed=seed)
         for name, (pipeline, boundary) in DIFFUSERS_PIPELINES.items():
             root = tmp / f"{name}-Diffusers"
@@ -324,9 +322,5 @@ def make_tiny_diffusers_models(out_dir: str | Path, seed: int = 0, overwrite: bo
         meta = json.loads((src / "storymem_tiny.json").read_text())
         (tmp / "storymem_tiny.json").write_text(json.dumps({**meta, "layout": "diffusers"}, indent=2))
         shutil.rmtree(src)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote tiny model bundle (diffusers layout) to %s", out_dir)
     return out_dir

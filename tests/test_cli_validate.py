@@ -380,7 +380,7 @@ JSON5_STORY = """\ufeff// A story as people write it: comments, trailing commas,
 @pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["lf", "crlf"])
 def test_json5_bom_crlf_give_the_plain_plan(dirs, newline):
     inp, cwd = dirs
-    plain = ok(invoke(["validate", write(inp, INLINE), "--json", "--mi2v"], cwd)).stdout
+    plain = ok(invoke(["validate", write_story(inp, INLINE), "--json", "--mi2v"], cwd)).stdout
     p = inp / "story.json5"
     p.write_bytes(JSON5_STORY.replace("\n", newline).encode("utf-8"))
     assert p.read_bytes().startswith(b"\xef\xbb\xbf")
@@ -394,7 +394,7 @@ def test_lengths_in_the_plan(dirs):
     data = copy.deepcopy(INLINE)
     data["scenes"][0]["frames"] = [17, None, 33]
     data["scenes"][1]["seconds"] = [5, 1.2]
-    p = write(inp, data)
+    p = write_story(inp, data)
     shots = json.loads(ok(invoke(["validate", p, "--json", "--mm2v", "--frame-num", "49"], cwd)).stdout)["shots"]
     # null takes --frame-num; 1.2 s = 19.2 frames -> the nearest 4n+1 is 21; 5 s -> 81
     assert [s["frames"] for s in shots] == [17, 49, 33, 81, 21]
@@ -411,7 +411,7 @@ def test_a_shot_too_short_for_mm2v(dirs):
     inp, cwd = dirs
     data = copy.deepcopy(INLINE)
     data["scenes"][1]["frames"] = [81, 5]
-    p = write(inp, data)
+    p = write_story(inp, data)
     ok(invoke(["validate", p, "--mi2v"], cwd))  # MI2V keeps 4 of them
     r = invoke(["validate", p, "--mm2v"], cwd)
     assert r.exit_code == 2 and r.stdout == ""
@@ -422,6 +422,6 @@ def test_a_shot_too_short_for_mm2v(dirs):
 
 def test_frame_num_option_of_validate(dirs):
     inp, cwd = dirs
-    p = write(inp, INLINE)
+    p = write_story(inp, INLINE)
     r = invoke(["validate", p, "--frame-num", "80"], cwd)
     assert r.exit_code == 2 and "4n+1" in r.stderr and len(r.stderr.strip().splitlines()) == 1
