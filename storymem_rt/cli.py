@@ -20,6 +20,7 @@ from click.core import ParameterSource
 
 from . import __version__
 from .errors import StoryError, StoryMemError
+from .configs import MAX_SAMPLE_STEPS
 from .script import SEED_POLICIES, MAX_SEED, MODES, PlanSettings, PlannedShot, load_story
 
 LOGGER = "storymem_rt"
@@ -266,7 +267,8 @@ def _explicit(ctx: click.Context, name: str) -> bool:
               help="LoRA rank, alpha = rank (reference: --lora_rank); default: read from the file.")
 @click.option("--size", default="832*480", show_default=True, help="WIDTH*HEIGHT of every shot (reference: --size).")
 @click.option("--frame-num", type=click.IntRange(5), default=81, show_default=True, help="Frames per shot, 4n+1.")
-@click.option("--sample-steps", type=click.IntRange(1), default=40, show_default=True)
+@click.option("--sample-steps", type=click.IntRange(1, MAX_SAMPLE_STEPS), default=40, show_default=True,
+              help=f"Denoising steps (1..{MAX_SAMPLE_STEPS}).")
 @click.option("--sample-solver", type=click.Choice(["unipc", "dpm++"]), default="unipc", show_default=True)
 @click.option("--sample-guide-scale", type=float, default=3.5, show_default=True)
 @click.option("--max-memory-size", type=click.IntRange(1), default=10, show_default=True,
