@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .configs import SamplingConfig
+from .errors import NonFiniteLatentError
 from .schedulers import make_scheduler
 
 MODES = ("t2v", "m2v", "mi2v", "mm2v")
@@ -140,7 +141,7 @@ def denoise(experts: dict, spec: ShotSpec, noise: torch.Tensor, generator: torch
     latent = noise
     ctx2 = torch.cat([context, context_null]).to(dtype)
     y2 = None if y is None else y.to(dtype)[None].expand(2, *y.shape)
-    for t in sched.timesteps:
+    for i, t in enumerate(sched.timesteps):
         high = float(t) >= boundary
         model = experts["high" if high else "low"]
         gs = s.guide_scale[1] if high else s.guide_scale[0]
@@ -155,6 +156,8 @@ def denoise(experts: dict, spec: ShotSpec, noise: torch.Tensor, generator: torch
             uncond = model(x[None], tt, ctx2[1:], yy, frame_pos).float()[0]
         pred = uncond + gs * (cond - uncond)
         latent = sched.step(pred[None], t, latent[None], generator=generator)[0]
+        if not torch.isfinite(latent).all():  # black frames otherwise, and a render that looks fine
+            raise NonFiniteLatentError(step=i + 1, steps=len(sched.timesteps), expert="high" if high else "low")
         if progress is not None:
             progress.update(1)
     return latent
