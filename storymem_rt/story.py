@@ -253,7 +253,7 @@ class StoryRenderer:
 
         try:
             with safe_open(str(p), "pt") as f:
-                saved = json.loads((f.metadata() or {}).get("manifest", "null"))
+                saved = json.loads((f.metadata() or {}).get("state", "{}")).get("manifest")
         except Exception:  # an unreadable state is reported by _load_state, when it is needed
             return manifest
         if (isinstance(saved, dict) and saved.get("settings") == manifest["settings"]
@@ -275,7 +275,9 @@ class StoryRenderer:
         if last_frames is not None:
             tensors["last_frames"] = last_frames.contiguous()
         _atomic_safetensors(state_dir / "memory.safetensors", tensors,
-                            {"entries": json.dumps(meta), "manifest": json.dumps(_commit_record(manifest))})
+                            # One metadata key: safetensors writes several in a random order, and equal
+                            # renders must give equal state files.
+                            {"state": json.dumps({"entries": meta, "manifest": _commit_record(manifest)})})
         # The manifest is written last: a shot counts as done only once its state is on disk.
         _atomic_json(self._manifest_path(), manifest)
 
@@ -284,7 +286,9 @@ class StoryRenderer:
         from safetensors import safe_open
 
         with safe_open(str(p), "pt") as f:
-            meta = json.loads(f.metadata()["entries"])
+            saved = f.metadata()
+            # "entries" alone: a state written before the manifest was recorded in it.
+            meta = json.loads(saved["state"])["entries"] if "state" in saved else json.loads(saved["entries"])
         tensors = load_file(str(p))
         bank = MemoryBank.from_state(tensors, meta, self.settings.fix, self.settings.max_memory_size, self.device)
         return bank, tensors.get("last_frames")
