@@ -98,8 +98,11 @@ class _Group(click.Group):
             raise _one_line(e) from None
 
     def invoke(self, ctx: click.Context):
+        from .guard import sigterm_as_exception
+
         try:
-            return super().invoke(ctx)
+            with sigterm_as_exception():  # SIGTERM unwinds like Ctrl-C: bars closed, folder released
+                return super().invoke(ctx)
         except click.UsageError as e:
             raise _one_line(e) from None
         except click.ClickException:
@@ -471,12 +474,10 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
     renderer = StoryRenderer(model_set, selector, settings, out_dir, progress=progress, wait=wait, notes=notes,
                              on_wait=lambda holder: click.echo(terminal_safe(f"waiting: {out_dir} is in use by "
                                                                              f"another render ({holder})"), err=True))
-    from .guard import sigterm_as_exception
     from .outdir import kept_note
 
     try:
-        with sigterm_as_exception():
-            manifest = renderer.render(s, shots)
+        manifest = renderer.render(s, shots)
     except BaseException as e:
         e.kept = kept_note(out_dir)  # what the folder holds now, for the one error line
         raise
@@ -494,6 +495,7 @@ def _tiny_note(root: Path, replaced: dict) -> str:
 
 
 def _print_summary(out_dir: Path, manifest: dict) -> None:
+    out_dir = Path(terminal_safe(str(out_dir)))
     rows = manifest["shots"]
     keys = ["load", "vae_encode", "dit", "vae_decode", "keyframes", "write"]
     click.echo(f"{'shot':<6} {'mode':<5}" + "".join(f"{k:>11}" for k in keys) + f"{'memory':>8}{'keyframes':>10}")

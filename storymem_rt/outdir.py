@@ -166,6 +166,17 @@ def kept_note(folder: str | os.PathLike) -> str:
         m = json.loads((folder / MANIFEST).read_text())
         done, total = len(m["shots"]), len(m["plan"])
     except (OSError, ValueError, KeyError, TypeError):
+        m, done, total = {}, 0, 0
+    try:  # the state file may be a shot ahead of the manifest (storymem_rt.story: it records its own)
+        from safetensors import safe_open
+
+        with safe_open(str(folder / STATE_DIR / "memory.safetensors"), "pt") as f:
+            saved = json.loads((f.metadata() or {})["state"])["manifest"]
+        if len(saved["shots"]) > done:
+            done, total = len(saved["shots"]), len(saved["plan"])
+    except Exception:  # no state, or an older one: the manifest says it all
+        pass
+    if not total:
         return "no shot was finished; nothing to resume"
     if m.get("final"):
         return f"the render in {folder} is complete"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,11 @@ class RenderSettings:
             raise ValueError(f"--max-memory-size must be >= 1, got {self.max_memory_size}")
         if not 0 <= self.fix <= self.max_memory_size:
             raise ValueError(f"--fix must be between 0 and --max-memory-size ({self.max_memory_size}), got {self.fix}")
+        numbers = {"guide_scale": self.guide_scale, "t2v_shift": self.t2v_shift, "m2v_shift": self.m2v_shift,
+                   "t2v_boundary": self.t2v_boundary, "m2v_boundary": self.m2v_boundary}
+        for name, value in numbers.items():
+            if not all(math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
+                raise ValueError(f"{name} must be finite, got {value!r}")
         known = 5 if self.plan.mm2v else 1
         if self.frame_num <= known:
             raise ValueError(f"--frame-num {self.frame_num} leaves no new frames after {known} known frame(s)")

@@ -163,19 +163,34 @@ def test_second_render_is_refused_while_the_folder_is_locked(work, baseline):
     assert _tree(baseline) == before  # refused before it read or wrote anything
 
 
-def test_wait_waits_for_the_holder(work, baseline):
+def test_wait_waits_for_the_holder(work, baseline, monkeypatch):
+    """--wait: the render blocks on the holder's lock, says so once, and goes on when it is released
+    (released here 1 s after the render found the folder busy)."""
+    import storymem_rt.outdir as outdir
+
+    busy = threading.Event()
+    holder = outdir._holder
+    monkeypatch.setattr(outdir, "_holder", lambda path: (busy.set(), holder(path))[1])
     lock = OutputLock(baseline)
     lock.acquire()
-    timer = threading.Timer(1.5, lock.release)
-    timer.start()
-    t0 = time.monotonic()
+    released = []
+
+    def release():
+        busy.wait(300)
+        time.sleep(1.0)
+        released.append(time.monotonic())
+        lock.release()
+
+    t = threading.Thread(target=release)
+    t.start()
     try:
         r = _render(work / "story2.json", baseline, "--wait")
     finally:
-        timer.join()
+        busy.set()
+        t.join()
     assert r.exit_code == 0, r.output
-    assert time.monotonic() - t0 >= 1.4
-    assert f"waiting: {baseline} is in use by another render (pid {os.getpid()}" in r.output
+    assert released, "the render never found the folder busy"
+    assert r.output.count(f"waiting: {baseline} is in use by another render (pid {os.getpid()}, started ") == 1
 
 
 def test_lock_of_a_new_folder_is_removed_with_the_folder(tmp_path):
@@ -288,12 +303,10 @@ DISK_FULL = [
      lambda p, *a, **kw: _enospc(str(p)), 1, "02_01.mp4"),
     ("keyframe-png", "PIL.Image", "Image.save", None, None, 0, "01_01_keyframe1.png"),
     ("manifest-json", "storymem_rt.atomic", "atomic_write_bytes",
-     lambda p, data: Path(p).name == "render.json" and b'"02_01"' in data, lambda p, data: _enospc(str(p)), 1,
-     "render.json"),
+     lambda p, data: Path(p).name == "render.json" and b'"02_01"' in data, lambda p, data: _enospc(str(p)), 2,
+     "render.json"),  # shot 2's state was committed: the state records it, so it is kept
     ("story-video", "av", "open", lambda p, mode="r", **kw: mode == "w" and "Two_Shots" in str(p),
      lambda p, *a, **kw: _enospc(str(p)), 2, "Two_Shots.mp4"),
-    ("storyboard", "storymem_rt.media", "storyboard", lambda *a, **kw: True,
-     lambda *a, **kw: _enospc(), 2, None),
 ]
 
 
@@ -449,6 +462,15 @@ def test_nan_latents_stop_the_shot_naming_step_and_expert(work, tmp_path):
     line = _error_line(_render(work / "story2.json", out, "--sample-guide-scale", "1e39"), 6)
     assert re.search(r"shot 01_01: the latents became NaN/Inf at denoising step 1 of 2 \(high-noise expert\)", line)
     assert not out.exists()  # nothing was finished: the folder it made is gone
+
+
+def test_render_settings_must_be_finite():
+    from storymem_rt.script import PlanSettings
+    from storymem_rt.story import RenderSettings
+
+    for kw in ({"guide_scale": (float("nan"), 3.5)}, {"guide_scale": (3.5, float("inf"))}, {"m2v_shift": float("nan")}):
+        with pytest.raises(ValueError, match="must be finite"):
+            RenderSettings(plan=PlanSettings(), **kw)
 
 
 def test_nan_check_in_denoise(monkeypatch):
