@@ -268,13 +268,21 @@ def make_tiny_models_cmd(out_dir: Path, seed: int, overwrite: bool) -> None:
 
 # --------------------------------------------------------------------------- render
 
+# Largest side --size accepts: 4x Wan2.2's 1280*720, far beyond what an H200 holds at 81 frames.
+MAX_SIDE = 4096
+
+
 def _parse_size(value: str) -> tuple[int, int]:
+    shown = value if len(value) <= 40 else value[:37] + "..."
     try:
         w, h = (int(v) for v in value.lower().replace("x", "*").split("*"))
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not WIDTH*HEIGHT, e.g. 832*480") from None
+        raise click.BadParameter(f"{shown!r} is not WIDTH*HEIGHT, e.g. 832*480", param_hint="--size") from None
     if w <= 0 or h <= 0 or w % 16 or h % 16:
-        raise click.BadParameter(f"{value!r}: width and height must be positive multiples of 16 (e.g. 832*480)")
+        raise click.BadParameter(f"{shown!r}: width and height must be positive multiples of 16 (e.g. 832*480)",
+                                 param_hint="--size")
+    if max(w, h) > MAX_SIDE:
+        raise click.BadParameter(f"{shown!r}: width and height must be at most {MAX_SIDE}", param_hint="--size")
     return w, h
 
 

@@ -83,6 +83,8 @@ def failure(exc: BaseException, kept: str = "") -> Failure | None:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(exc, getattr(torch.cuda, "OutOfMemoryError", ())):
         return Failure(f"out of GPU memory; try --offload, a smaller --size or --frame-num{tail}", EXIT_DEVICE)
+    if isinstance(exc, RuntimeError) and "DefaultCPUAllocator: not enough memory" in str(exc):
+        return Failure(f"out of host memory; try a smaller --size or --frame-num, or --offload{tail}", EXIT_DEVICE)
     if isinstance(exc, RuntimeError) and str(exc).startswith(("CUDA error", "CUDA driver error")):
         return Failure(f"GPU error: {_first_line(exc)}{tail}", EXIT_DEVICE)
     if isinstance(exc, UnicodeError):

@@ -31,7 +31,7 @@ from storymem_rt.guard import EXIT_CODES
 from storymem_rt.outdir import LOCK_FILE
 
 N_STORIES = 240
-RENDER_SHOT_BUDGET = 16  # shots rendered to the end, over all valid mutations
+RENDER_SHOT_BUDGET = 12  # shots rendered to the end, over all valid mutations
 RENDER_ARGS = ["--models", "tiny", "--size", "16*16", "--frame-num", "5", "--sample-steps", "1",
                "--max-memory-size", "1", "--fix", "0", "--no-quality-filter", "--no-progress"]
 

@@ -100,6 +100,8 @@ def test_failure_maps_user_errors_and_leaves_bugs():
     assert f.exit_code == 4 and "file name too long" in f.message
     assert failure(KeyboardInterrupt(), kept="1 of 2 shots kept").message == "interrupted (Ctrl-C); 1 of 2 shots kept"
     assert failure(MemoryError()).exit_code == 5
+    assert failure(RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: not enough memory: "
+                                "you tried to allocate 1099511627776 bytes.")).exit_code == 5
     assert failure(torch.cuda.OutOfMemoryError("CUDA out of memory")).exit_code == 5
     assert failure(UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")).exit_code == 2
     assert failure(ZeroDivisionError()) is None and failure(KeyError("k")) is None  # bugs keep their traceback
@@ -446,6 +448,12 @@ def test_device_that_is_no_device(work, tmp_path, device):
     line = _error_line(_render(work / "story1.json", tmp_path / "o", "--device", device), 2)
     assert "--device" in line
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("size", ["8192*16", "16*4112"])
+def test_size_is_bounded(work, tmp_path, size):
+    line = _error_line(_render(work / "story1.json", tmp_path / "o", "--size", size), 2)
+    assert "--size" in line and "at most 4096" in line
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
