@@ -339,7 +339,8 @@ def test_disk_full_keeps_every_finished_shot_and_resumes(work, baseline, tmp_pat
         assert named in line and ".tmp-" not in line, line
     if kept:
         assert f"{kept} of 2 shots finished and kept in {out}; rerun the same command to resume" in line, line
-    _no_partial_files(out) if out.exists() else None
+    if out.exists():
+        _no_partial_files(out)
     if out.exists() and kept:
         for sid in ("01_01", "02_01")[:kept]:  # nothing lost: each kept shot equals the baseline's
             assert torch.equal(read_video(out / f"{sid}.mp4"), read_video(baseline / f"{sid}.mp4")), sid
@@ -349,6 +350,31 @@ def test_disk_full_keeps_every_finished_shot_and_resumes(work, baseline, tmp_pat
     assert _shot_records(out) == _shot_records(baseline)
     assert torch.equal(read_video(out / "Two_Shots.mp4"), read_video(baseline / "Two_Shots.mp4"))
     assert (out / "state" / "memory.safetensors").read_bytes() == (baseline / "state" / "memory.safetensors").read_bytes()
+
+
+def test_disk_full_on_a_real_small_tmpfs(work, baseline, tmp_path):
+    """The kernel's own ENOSPC: a 160 KiB tmpfs holds the shots but not everything after them.
+    Needs root (mount); skipped elsewhere. Then the file system grows and the same command
+    finishes the render."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode(errors='replace').strip()}")
+    try:
+        out = mnt / "o"
+        line = _error_line(_render(work / "story2.json", out), 4)
+        assert "no space left on the device" in line, line
+        assert re.search(r"[12] of 2 shots finished and kept in .*; rerun the same command to resume", line), line
+        _no_partial_files(out)
+        subprocess.run(["mount", "-o", "remount,size=4m", str(mnt)], check=True)
+        r = _render(work / "story2.json", out)
+        assert r.exit_code == 0, r.output
+        _no_partial_files(out)
+        assert _shot_records(out) == _shot_records(baseline)
+        assert torch.equal(read_video(out / "Two_Shots.mp4"), read_video(baseline / "Two_Shots.mp4"))
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_permission_denied_is_one_line(work, tmp_path, monkeypatch):
