@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 import threading
-import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -112,7 +111,7 @@ def terminal_safe(text: str, keep_newlines: bool = True) -> str:
             out.append(c)
         elif o < 0x20 or 0x7F <= o <= 0x9F:
             out.append(f"\\x{o:02x}")
-        elif 0xD800 <= o <= 0xDFFF or c in _BIDI or unicodedata.category(c) == "Cs":
+        elif 0xD800 <= o <= 0xDFFF or c in _BIDI:
             out.append(f"\\u{o:04x}")
         else:
             out.append(c)

@@ -22,7 +22,6 @@ import json
 import random
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from conftest import REPO, STBENCH_FILES
