@@ -8,6 +8,7 @@ or video import, so light modules can use it too.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -40,9 +41,30 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
             finally:
                 os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        os_error = writer_os_error(e, path, tmp)
+        if os_error is not None:
+            raise os_error from e
         raise
+
+
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
+
+
+def writer_os_error(e: BaseException, path: Path, tmp: Path) -> OSError | None:
+    """The failure of a writer at `tmp` as an OSError naming `path` (not our temporary name),
+    or None to re-raise `e` as it is (no file-system error, or one about another file, e.g.
+    an input the writer reads). Writers report a full disk three ways: OSError without a
+    file name (Pillow), OSError naming the temporary file (PyAV), and safetensors'
+    `SafetensorError("... (os error 28)")`."""
+    if isinstance(e, OSError) and e.errno is not None and e.filename in (None, str(tmp), tmp):
+        return OSError(e.errno, e.strerror or os.strerror(e.errno), str(path))
+    m = _OS_ERROR_CODE.search(str(e)) if type(e).__name__ == "SafetensorError" else None
+    if m is not None:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code), str(path))
+    return None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -4,15 +4,19 @@ Layout: shared machinery (errors, logging, option groups) first, then one sectio
 command. Commands import heavy modules (torch, the model stack) inside their bodies, so
 `storymem-rt --help` and `storymem-rt validate` start without loading torch.
 
-Errors: a `StoryError` escaping any command becomes one line and exit 2 (the user must fix
-the script, like a usage error); any other `StoryMemError` one line and exit 1. Commands do
-not catch them themselves.
+Errors: every exception a user can cause (a broken script, a checkpoint, a full disk, a device,
+Ctrl-C, SIGTERM) becomes one `Error:` line and the exit code of `storymem_rt.guard.EXIT_CODES`;
+`guard.failure` is the one mapping, `_Group.invoke` the one place that applies it. Commands
+do not catch them themselves. Text from the user (prompts, names, paths) goes through
+`guard.terminal_safe` before it reaches the terminal.
 """
 from __future__ import annotations
 
 import functools
 import json
 import logging
+import math
+import sys
 from pathlib import Path
 
 import click
@@ -20,7 +24,8 @@ from click.core import ParameterSource
 
 from . import __version__
 from .configs import DEFAULT_FRAME_NUM, DEFAULT_MAX_MEMORY, DEFAULT_SIZE, format_size
-from .errors import StoryError, StoryMemError
+from .guard import failure, terminal_safe
+from .configs import MAX_SAMPLE_STEPS
 from .script import SEED_POLICIES, MAX_SEED, MODES, PlanSettings, PlannedShot, load_story
 
 LOGGER = "storymem_rt"
@@ -28,10 +33,12 @@ LOGGER = "storymem_rt"
 
 # --------------------------------------------------------------------------- errors and logging
 
-class StoryFileError(click.ClickException):
-    """A broken story script: printed as one `Error: ...` line (no usage banner), exit 2."""
+class CommandFailure(click.ClickException):
+    """An exception a user caused, as one `Error: ...` line (no usage banner) and its exit code."""
 
-    exit_code = 2
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(terminal_safe(" ".join(message.split())))
+        self.exit_code = exit_code
 
 
 class _EchoHandler(logging.Handler):
@@ -40,7 +47,14 @@ class _EchoHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            click.echo(self.format(record), err=True)
+            text = terminal_safe(self.format(record))
+            tqdm = sys.modules.get("tqdm")
+            if tqdm is None:
+                click.echo(text, err=True)
+                return
+            # Clear the progress bars, write the line, redraw them: never glued onto a bar.
+            with tqdm.tqdm.external_write_mode(file=sys.stderr):
+                click.echo(text, err=True)
         except Exception:  # logging must never take the command down
             self.handleError(record)
 
@@ -72,7 +86,7 @@ def _one_line(e: click.UsageError) -> click.UsageError:
     (a bare `storymem-rt`, which shows the help, stays as it is)."""
     if e.ctx is None or isinstance(e, getattr(click.exceptions, "NoArgsIsHelpError", ())):
         return e
-    return click.UsageError(f"{e.format_message()} (see '{e.ctx.command_path} --help')")
+    return click.UsageError(terminal_safe(f"{e.format_message()} (see '{e.ctx.command_path} --help')"))
 
 
 class _Group(click.Group):
@@ -85,14 +99,20 @@ class _Group(click.Group):
             raise _one_line(e) from None
 
     def invoke(self, ctx: click.Context):
+        from .guard import sigterm_as_exception
+
         try:
-            return super().invoke(ctx)
+            with sigterm_as_exception():  # SIGTERM unwinds like Ctrl-C: bars closed, folder released
+                return super().invoke(ctx)
         except click.UsageError as e:
             raise _one_line(e) from None
-        except StoryError as e:
-            raise StoryFileError(str(e)) from None
-        except StoryMemError as e:
-            raise click.ClickException(str(e)) from None
+        except click.ClickException:
+            raise
+        except BaseException as e:  # KeyboardInterrupt and SIGTERM included
+            f = failure(e, kept=getattr(e, "kept", ""))
+            if f is None:
+                raise  # a bug of ours: keep the traceback
+            raise CommandFailure(f.message, f.exit_code) from None
 
 
 # --------------------------------------------------------------------------- shared options
@@ -190,8 +210,18 @@ def main(verbose: int) -> None:
 # --------------------------------------------------------------------------- validate
 
 def _head(text: str, width: int) -> str:
-    text = " ".join(text.split())
+    text = terminal_safe(" ".join(text.split()))
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+_STRICT = click.option("--strict", is_flag=True, help="Unknown keys in the story script are errors, not warnings.")
+
+
+def _json_for_terminal(obj) -> str:
+    """JSON with non-ASCII text kept readable but C1 controls, bidi overrides and the like
+    escaped (json.dumps escapes only C0 controls when ensure_ascii is off): still valid JSON."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False)
+    return "".join(c if terminal_safe(c) == c else json.dumps(c)[1:-1] for c in text)
 
 
 @main.command()
@@ -200,19 +230,20 @@ def _head(text: str, width: int) -> str:
               '"mode", "seed", "cut", "prompt", "frames"}, ...]}.')
 @click.option("--frame-num", type=click.IntRange(5), default=81, show_default=True,
               help="Frames of a shot whose scene gives no length, 4n+1 (as render's --frame-num).")
+@_STRICT
 @plan_options
-def validate(story: Path, as_json: bool, frame_num: int, plan: PlanSettings) -> None:
+def validate(story: Path, as_json: bool, frame_num: int, strict: bool, plan: PlanSettings) -> None:
     """Check STORY (a story script, ST-Bench schema) and print its shot plan. Writes nothing."""
     if (frame_num - 1) % 4:
         raise click.BadParameter(f"{frame_num} is not 4n+1 (e.g. 81)", param_hint="--frame-num")
-    s = load_story(story)
+    s = load_story(story, strict=strict)
     shots = make_plan(plan, s, frame_num)
     if as_json:
-        click.echo(json.dumps({"shots": [shot.to_json() for shot in shots]}, indent=2, ensure_ascii=False))
+        click.echo(_json_for_terminal({"shots": [shot.to_json() for shot in shots]}))
         return
     n_scenes = len(s.scenes)
-    click.echo(f"{story}: {json.dumps(s.name, ensure_ascii=False)}: {n_scenes} scene{'s' * (n_scenes != 1)}, "
-               f"{len(shots)} shot{'s' * (len(shots) != 1)}")
+    click.echo(terminal_safe(f"{story}: {json.dumps(s.name, ensure_ascii=False)}: {n_scenes} "
+                             f"scene{'s' * (n_scenes != 1)}, {len(shots)} shot{'s' * (len(shots) != 1)}"))
     seed_w = max(4, *(len(str(shot.seed)) for shot in shots))
     id_w = max(4, *(len(shot.id) for shot in shots))
     # The length column: frames generated, what the MP4 keeps, and the seconds asked for.
@@ -251,14 +282,53 @@ def make_tiny_models_cmd(out_dir: Path, seed: int, overwrite: bool, layout: str)
 
 # --------------------------------------------------------------------------- render
 
+# Largest side --size accepts: 4x Wan2.2's 1280*720, far beyond what an H200 holds at 81 frames.
+MAX_SIDE = 4096
+
+
 def _parse_size(value: str) -> tuple[int, int]:
+    shown = value if len(value) <= 40 else value[:37] + "..."
     try:
         w, h = (int(v) for v in value.lower().replace("x", "*").split("*"))
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not WIDTH*HEIGHT, e.g. 832*480") from None
+        raise click.BadParameter(f"{shown!r} is not WIDTH*HEIGHT, e.g. 832*480", param_hint="--size") from None
     if w <= 0 or h <= 0 or w % 16 or h % 16:
-        raise click.BadParameter(f"{value!r}: width and height must be positive multiples of 16 (e.g. 832*480)")
+        raise click.BadParameter(f"{shown!r}: width and height must be positive multiples of 16 (e.g. 832*480)",
+                                 param_hint="--size")
+    if max(w, h) > MAX_SIDE:
+        raise click.BadParameter(f"{shown!r}: width and height must be at most {MAX_SIDE}", param_hint="--size")
     return w, h
+
+
+def _finite(value: float, param) -> float:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", param=param)
+    return value
+
+
+def _device(value: str | None):
+    """The torch device of --device, checked before anything loads: a usage error when it is
+    no device name, a device error when this machine has no such device."""
+    import torch
+
+    from .errors import DeviceError
+
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"{value!r} is not a device name; use cpu, cuda or cuda:N",
+                                 param_hint="--device") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise click.BadParameter(f"{value!r}: storymem-rt renders on cpu or cuda", param_hint="--device")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {value}: torch sees no CUDA GPU here (torch.cuda.is_available() is "
+                              "False); use --device cpu, or leave --device out")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {value}: there are {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    return dev
 
 
 def _explicit(ctx: click.Context, name: str) -> bool:
@@ -284,9 +354,11 @@ def _explicit(ctx: click.Context, name: str) -> bool:
               help="WIDTH*HEIGHT of every shot (reference: --size).")
 @click.option("--frame-num", type=click.IntRange(5), default=DEFAULT_FRAME_NUM, show_default=True,
               help="Frames per shot, 4n+1.")
-@click.option("--sample-steps", type=click.IntRange(1), default=40, show_default=True)
+@click.option("--sample-steps", type=click.IntRange(1, MAX_SAMPLE_STEPS), default=40, show_default=True,
+              help=f"Denoising steps (1..{MAX_SAMPLE_STEPS}).")
 @click.option("--sample-solver", type=click.Choice(["unipc", "dpm++"]), default="unipc", show_default=True)
-@click.option("--sample-guide-scale", type=float, default=3.5, show_default=True)
+@click.option("--sample-guide-scale", type=float, default=3.5, show_default=True,
+              callback=lambda ctx, p, v: _finite(v, p))
 @click.option("--max-memory-size", type=click.IntRange(1), default=DEFAULT_MAX_MEMORY, show_default=True,
               help="Most memory frames a shot sees (reference: --max_memory_size).")
 @click.option("--fix", type=click.IntRange(0), default=3, show_default=True,
@@ -339,16 +411,19 @@ def _explicit(ctx: click.Context, name: str) -> bool:
 @click.option("--preview-cfg", type=click.Choice(["none", "high", "both"]), default="none", show_default=True,
               help="With --preview: experts that keep classifier-free guidance (--sample-guide-scale); 'high' is "
                    "what users who find preview motion weak use.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bars (default: when stderr is a terminal; logs get no cursor codes).")
+@click.option("--wait", is_flag=True, help="If another render holds --out, wait for it instead of refusing.")
+@_STRICT
 @plan_options
 def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model, lora, lora_rank, size,
            frame_num, sample_steps, sample_solver, sample_guide_scale, max_memory_size, fix, no_quality_filter,
            clip_weights, reference_mi2v_bug, device, dtype, offload, engines_dir, precision, backend, fast,
            fast_compile, attention, preview, distill_lora_t2v, distill_lora_i2v, distill_strength, distill_steps,
-           distill_shift, distill_boundary_step, preview_cfg, no_progress, plan: PlanSettings) -> None:
+           distill_shift, distill_boundary_step, preview_cfg, progress, wait, strict, plan: PlanSettings) -> None:
     """Render STORY into one video, shot by shot, in this process."""
     ctx = click.get_current_context()
-    s = load_story(story)
+    s = load_story(story, strict=strict)
     w_h = _parse_size(size)
     if (frame_num - 1) % 4:
         raise click.BadParameter(f"{frame_num} is not 4n+1 (e.g. 81)", param_hint="--frame-num")
@@ -377,15 +452,20 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
         elif read_tiny_meta(Path(models)) is not None:  # a folder written by `make-tiny-models`
             root = Path(models)
     tiny = root is not None
+    notes = None
     if tiny:
         meta = read_tiny_meta(root)
         d = meta["render_defaults"]
+        replaced = {}
         if not _explicit(ctx, "size"):
-            w_h = tuple(d["size"])
+            w_h = replaced["size"] = tuple(d["size"])
         if not _explicit(ctx, "frame_num"):
-            frame_num = d["frame_num"]
-        if not _explicit(ctx, "sample_steps"):
-            sample_steps = d["sample_steps"]
+            frame_num = replaced["frame_num"] = d["frame_num"]
+        if not _explicit(ctx, "sample_steps") and not preview:
+            sample_steps = replaced["sample_steps"] = d["sample_steps"]
+        notes = {"tiny_random_weights": True, "replaced_defaults": {k: list(v) if k == "size" else v
+                                                                   for k, v in replaced.items()}}
+        click.echo(_tiny_note(root, replaced), err=True)
         paths = ModelPaths.from_models_dir(root)
         identity = f"tiny-v{meta['format']}-seed{meta['seed']}"
         shots = make_plan(plan, s, frame_num)  # the tiny bundle's default length for shots that give none
@@ -395,7 +475,11 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
         identity = json.dumps({k: str(Path(v).resolve()) if v else None for k, v in vars(paths).items()})
     need_t2v = any(sh.mode == "t2v" for sh in shots)
     need_m2v = any(sh.mode != "t2v" for sh in shots)
+    dev = _device(device)
     paths.check(need_t2v, need_m2v)
+    from .preflight import check_inputs
+
+    check_inputs(paths, {k for k, need in (("t2v", need_t2v), ("m2v", need_m2v)) if need}, lora_rank=lora_rank)
     preview_settings, distill = _preview(ctx, preview, root if tiny else (None if models == "tiny" else Path(models)),
                                          tiny, need_t2v, need_m2v)
     if preview:
@@ -403,7 +487,6 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
 
     from .backends import BackendError, resolve
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     art_precision = precision if engines_dir is None else (precision or ("bf16" if dev.type == "cuda" else "fp32"))
     try:
         backend_cfg = resolve(backend=backend, fast=fast, attention=attention, compile=fast_compile, device=dev,
@@ -451,9 +534,29 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
     clip = random_clip(seed=0, device=dev) if tiny and clip_weights is None else load_clip(clip_weights, device=dev)
     selector = KeyframeSelector(clip, default_quality_scorer(not no_quality_filter, device=dev),
                                 max_keyframes=settings.max_keyframes, device=dev)
-    renderer = StoryRenderer(model_set, selector, settings, out_dir, progress=not no_progress)
-    manifest = renderer.render(s, shots)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    renderer = StoryRenderer(model_set, selector, settings, out_dir, progress=progress, wait=wait, notes=notes,
+                             on_wait=lambda holder: click.echo(terminal_safe(f"waiting: {out_dir} is in use by "
+                                                                             f"another render ({holder})"), err=True))
+    from .outdir import kept_note
+
+    try:
+        manifest = renderer.render(s, shots)
+    except BaseException as e:
+        e.kept = kept_note(out_dir)  # what the folder holds now, for the one error line
+        raise
     _print_summary(out_dir, manifest)
+
+
+def _tiny_note(root: Path, replaced: dict) -> str:
+    """The first line of a tiny render: what the pictures are, and which options it changed."""
+    shown = {"size": lambda v: f"--size {v[0]}*{v[1]}", "frame_num": lambda v: f"--frame-num {v}",
+             "sample_steps": lambda v: f"--sample-steps {v}"}
+    changed = ", ".join(shown[k](v) for k, v in replaced.items())
+    tail = f"; tiny mode set {changed} (pass them to choose)" if changed else ""
+    return terminal_safe(f"note: rendering with the tiny bundle of random weights ({root}): the pictures are "
+                         f"noise; pass --models DIR for the real models{tail}")
 
 
 _DISTILL_OPTIONS = ("distill_lora_t2v", "distill_lora_i2v", "distill_strength", "distill_steps", "distill_shift",
@@ -517,6 +620,7 @@ def _preview(ctx: click.Context, on: bool, models_dir: Path | None, tiny: bool, 
 
 
 def _print_summary(out_dir: Path, manifest: dict) -> None:
+    out_dir = Path(terminal_safe(str(out_dir)))
     rows = manifest["shots"]
     keys = ["load", "vae_encode", "dit", "vae_decode", "keyframes", "write"]
     click.echo(f"{'shot':<6} {'mode':<5}" + "".join(f"{k:>11}" for k in keys) + f"{'memory':>8}{'keyframes':>10}")

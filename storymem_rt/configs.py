@@ -136,6 +136,11 @@ DIT_PRESETS: dict[str, DiTConfig] = {
 }
 
 
+# The most denoising steps a render accepts (`--sample-steps`): one per training timestep. Every
+# count 1..this runs with both solvers (tests/test_schedulers.py sweeps them).
+MAX_SAMPLE_STEPS = 1000
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """Sampling defaults of one model (T2V-A14B or M2V-A14B in the reference)."""
@@ -165,8 +170,8 @@ class SamplingConfig:
             raise ValueError(f"guided experts must be among 'high', 'low'; got {list(self.guided)}")
         if not 0.0 < self.boundary < 1.0:
             raise ValueError(f"boundary must be in (0, 1), got {self.boundary}")
-        if self.sample_steps < 1:
-            raise ValueError(f"sample_steps must be >= 1, got {self.sample_steps}")
+        if not 1 <= self.sample_steps <= MAX_SAMPLE_STEPS:
+            raise ValueError(f"sample_steps must be between 1 and {MAX_SAMPLE_STEPS}, got {self.sample_steps}")
         if (self.frame_num - 1) % 4:
             raise ValueError(f"frame_num must be 4n+1 (the VAE's temporal stride), got {self.frame_num}")
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import checkpoint_error, iter_safetensors, read_torch_pth
+from .errors import CheckpointError
 
 # `[base_model.model.]<module>.lora_{A,B}[.<adapter>].weight`: peft's saved layout (adapter
 # name stripped) and its in-memory layout (`lora_A.default.weight`); `lora_down`/`lora_up` the
@@ -205,8 +206,10 @@ def parse_lora(raw: Mapping[str, torch.Tensor], path: str | Path, config: LoraCo
     if config is None:
         config = LoraConfig.storymem(rank)
     elif config.r != rank:
-        raise checkpoint_error(f"{path}: LoRA rank is {rank} (key {rank_key!r} has shape {rank_shape}) but "
-                    f"r={config.r} was given", "lora")
+        # The file is fine: the given rank (--lora-rank) is what differs, so no download hint.
+        raise CheckpointError(f"{path}: the LoRA has rank {rank} (key {rank_key!r} has shape {rank_shape}) but "
+                              f"--lora-rank {config.r} was given; drop --lora-rank (the rank is read from the "
+                              f"file) or pass --lora-rank {rank}")
     # ComfyUI: scale = alpha / r per module, r the module's lora_down rows.
     scales = {t: float(a.reshape(())) / pairs[t][0].shape[0] for t, (_, a) in alphas.items()}
     return LoraWeights(path, config, pairs, source_keys, scales)

@@ -15,8 +15,8 @@ data, not a copy of the loop:
 - check_sync: raise if a steady step synchronises with the host (CUDA).
 The loop never reads device values on the host inside a step: the schedule is read once, before
 it, and the finiteness check accumulates on the device and is read at each expert's last step.
-A NaN or Inf in the latent stops the shot with `NonFiniteLatentError` naming the first bad step
-and its expert.
+A NaN or Inf in the latent stops the shot with `errors.NonFiniteLatentError` naming the first bad
+step (1-based) and its expert.
 
 Shapes: latent [C, T, h, w] float32; context [1, Lt, text_dim]; y [C_y, T, h, w] or None.
 """
@@ -28,19 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import StoryMemError
+from .errors import NonFiniteLatentError
 
 CFG_MODES = ("batched", "sequential", "off")
-
-
-class NonFiniteLatentError(StoryMemError):
-    """The latent became NaN or Inf during a shot."""
-
-    def __init__(self, step: int, steps: int, expert: str):
-        self.step, self.steps, self.expert = step, steps, expert
-        super().__init__(f"the latent became NaN or Inf at denoising step {step + 1} of {steps} "
-                         f"({expert}-noise expert); check --sample-guide-scale and the checkpoints "
-                         f"(a corrupt or wrong-precision expert gives this)")
 
 
 @dataclass(frozen=True)
@@ -190,7 +180,7 @@ def sample(experts, scheduler, noise: Tensor, generator, context: Tensor, contex
         if first_bad is not None and i == last_of[name]:  # one host read per expert and shot
             j = int(first_bad)
             if j >= 0:
-                raise NonFiniteLatentError(j, len(names), names[j])
+                raise NonFiniteLatentError(step=j + 1, steps=len(names), expert=names[j])
         if progress is not None:
             progress.update(1)
     if counts is not None:

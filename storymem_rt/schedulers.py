@@ -85,12 +85,18 @@ class FlowMultistepScheduler:
         return self.num_steps
 
     def _init_step_index(self, timestep) -> None:
-        # Wan looks the first timestep up in the schedule; a repeated value means the second one.
+        # A run starts at the first timestep: begin index 0, as diffusers' pipelines pin it with
+        # `set_begin_index(0)`. Wan (and diffusers without a begin index) look the first timestep
+        # up and take the *second* hit when it repeats (an img2img convention); int64 truncation
+        # repeats 999 at the start from 92 UniPC steps at shift 12 (335 at shift 4), so that
+        # lookup skipped step 0 and the last step ran past the schedule (an IndexError in Wan).
         t = int(timestep.item() if isinstance(timestep, Tensor) else timestep)
-        hits = (self._timesteps_cpu == t).nonzero().flatten()
-        if len(hits) == 0:
+        if not (self._timesteps_cpu == t).any():
             raise ValueError(f"timestep {t} is not in this scheduler's timesteps {self._timesteps_cpu.tolist()}")
-        self.step_index = int(hits[1] if len(hits) > 1 else hits[0])
+        first = int(self._timesteps_cpu[0])
+        if t != first:
+            raise ValueError(f"a sampling run starts at the first timestep {first}, got {t}; make a new scheduler")
+        self.step_index = 0
 
     def _alpha_sigma(self, i: int) -> tuple[Tensor, Tensor]:
         sigma = self.sigmas[i]

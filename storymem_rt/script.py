@@ -25,10 +25,14 @@ Files are read as UTF-8 (a byte order mark is skipped), then as JSON, else as JS
 package); CRLF line ends are whitespace in both.
 
 Every problem raises `StoryError("FILE: JSON_PATH: problem; fix")` with a 0-based JSON path
-such as `scenes[2].cut[1]`. Nothing here imports torch: `storymem-rt validate` stays fast.
+such as `scenes[2].cut[1]`. Inputs are bounded (file size, text lengths, numbers, shot count:
+the `MAX_*` constants), NaN/Infinity are refused, and so is text that is no valid Unicode (a
+lone surrogate such as `"\ud800"`). Keys the schema does not know are warned about (a typo
+such as `"cuts"` would otherwise make every shot a cut), or refused with `strict=True`. Nothing here imports torch: `storymem-rt validate` stays fast.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -61,6 +65,17 @@ KNOWN_FRAMES = {"t2v": 0, "m2v": 0, "mi2v": 1, "mm2v": 5}
 def frames_for_seconds(seconds: float) -> int:
     """The 4n+1 frame count nearest to `seconds` at 16 fps (halves round up): 1 -> 17, 2 -> 33, 5 -> 81."""
     return 4 * math.floor((seconds * FPS - 1) / 4 + 0.5) + 1
+# Bounds of a story script. ST-Bench's largest is ~10 kB with prompts under 1000 characters; the
+# text encoder reads 512 tokens of a prompt. Scene numbers stay short: they name output files.
+MAX_STORY_BYTES = 4 << 20
+MAX_PROMPT_CHARS = 20_000
+MAX_NAME_CHARS = 1_000
+MAX_OVERVIEW_CHARS = 100_000
+MAX_SHOTS = 1_000
+MAX_SCENE_NUM = 9_999
+MAX_INT_DIGITS = 40
+KNOWN_KEYS = {"top level": ("story_name", "story_overview", "scenes"),
+              "scene": ("scene_num", "video_prompts", "cut", "first_frame_prompt", "frames", "seconds")}
 
 
 @dataclass(frozen=True)
@@ -190,8 +205,9 @@ def _n(count: int, word: str, plural: str | None = None) -> str:
 class _Checker:
     """Turns a decoded JSON value into a Story, raising at the first problem with its path."""
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, strict: bool = False):
         self.source = source
+        self.strict = strict
 
     def fail(self, path: str, problem: str, fix: str):
         raise StoryError(f"{self.source}: {path}: {problem}; {fix}")
@@ -199,18 +215,40 @@ class _Checker:
     def warn(self, path: str, message: str):
         log.warning("%s: %s: %s", self.source, path, message)
 
-    def text(self, obj: dict, key: str, path: str, default: str) -> str:
+    def text(self, obj: dict, key: str, path: str, default: str, limit: int) -> str:
         value = obj.get(key, default)
         if not isinstance(value, str):
             self.fail(path, f"must be a string, got {_got(value)}", f'write "{key}": "..."')
+        return self.checked_text(value, path, limit)
+
+    def checked_text(self, value: str, path: str, limit: int) -> str:
+        if len(value) > limit:
+            self.fail(path, f"is {len(value)} characters long, more than {limit}", "shorten it")
+        bad = next((i for i, c in enumerate(value) if 0xD800 <= ord(c) <= 0xDFFF), None)
+        if bad is not None:
+            self.fail(path, f"character {bad} is a lone surrogate \\u{ord(value[bad]):04x}, which is no valid "
+                      "Unicode", "remove it (write the character itself, or a valid \\u escape pair)")
         return value
+
+    def keys(self, obj: dict, path: str, kind: str):
+        known = KNOWN_KEYS[kind]
+        for key in obj:
+            if key in known:
+                continue
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f' (did you mean "{close[0]}"?)' if close else f" (known: {', '.join(known)})"
+            where = f"{path}.{_show(key)}" if kind == "scene" else _show(key)
+            if self.strict:
+                self.fail(where, f"unknown key{hint}", "fix or remove it (--strict refuses unknown keys)")
+            self.warn(where, f"unknown key{hint}; it is ignored")
 
     def story(self, data) -> Story:
         if not isinstance(data, dict):
             self.fail("top level", f"must be a JSON object, got {_kind(data)}",
                       'write {"story_name": ..., "story_overview": ..., "scenes": [...]}')
-        name = self.text(data, "story_name", "story_name", Path(self.source).stem)
-        overview = self.text(data, "story_overview", "story_overview", "")
+        self.keys(data, "top level", "top level")
+        name = self.text(data, "story_name", "story_name", Path(self.source).stem, MAX_NAME_CHARS)
+        overview = self.text(data, "story_overview", "story_overview", "", MAX_OVERVIEW_CHARS)
         if "scenes" not in data:
             keys = ", ".join(sorted(map(str, data))) or "none"
             self.fail("scenes", f"missing (keys found: {keys})",
@@ -222,10 +260,14 @@ class _Checker:
             self.fail("scenes", "is empty", "add at least one scene with video_prompts")
         seen: dict[int, int] = {}
         out = []
+        shots = 0
         for i, raw in enumerate(scenes):
             scene = self.scene(raw, i, seen)
             seen[scene.num] = i
             out.append(scene)
+            shots += len(scene.prompts)
+            if shots > MAX_SHOTS:
+                self.fail(f"scenes[{i}]", f"the story has more than {MAX_SHOTS} shots", "split it into several stories")
         self.warnings(out)
         return Story(name=name, overview=overview, scenes=tuple(out), source=self.source)
 
@@ -235,6 +277,7 @@ class _Checker:
             self.fail(path, f"must be a scene object, got {_got(raw)}",
                       'write {"scene_num": N, "video_prompts": [...], "cut": [...]}')
         keys = ", ".join(sorted(map(str, raw))) or "none"
+        self.keys(raw, path, "scene")
         if "scene_num" not in raw:
             self.fail(f"{path}.scene_num", f"missing (keys found: {keys})", f'add "scene_num": {i + 1}')
         num = raw["scene_num"]
@@ -244,6 +287,9 @@ class _Checker:
                       f'write "scene_num": {i + 1}')
         if num < 1:
             self.fail(f"{path}.scene_num", f"must be 1 or more, got {num}", "number scenes from 1")
+        if num > MAX_SCENE_NUM:
+            self.fail(f"{path}.scene_num", f"must be at most {MAX_SCENE_NUM}, got {_show(num)}",
+                      "number scenes from 1 (scene numbers name the output files)")
         if num in seen:
             self.fail(f"{path}.scene_num", f"{num} is already used by scenes[{seen[num]}]",
                       "give every scene its own number")
@@ -260,6 +306,7 @@ class _Checker:
         for j, p in enumerate(prompts):
             if not isinstance(p, str):
                 self.fail(f"{ppath}[{j}]", f"must be a string, got {_got(p)}", "write the prompt as text")
+            self.checked_text(p, f"{ppath}[{j}]", MAX_PROMPT_CHARS)
             if not p.strip():
                 self.fail(f"{ppath}[{j}]", "is empty", "describe the shot or remove it (and its cut flag)")
 
@@ -288,6 +335,7 @@ class _Checker:
             for j, p in enumerate(ffp):
                 if not isinstance(p, str):
                     self.fail(f"{fpath}[{j}]", f"must be a string, got {_got(p)}", "write it as text")
+                self.checked_text(p, f"{fpath}[{j}]", MAX_PROMPT_CHARS)
         frames, seconds = self.lengths(raw, path, len(prompts))
         return Scene(num=num, prompts=tuple(prompts), cuts=tuple(cuts),
                      first_frame_prompts=None if ffp is None else tuple(ffp), frames=frames, seconds=seconds)
@@ -364,16 +412,43 @@ class _Checker:
             self.warn("scenes", f"scene numbers {nums} are not in ascending order; scenes render in file order")
 
 
-def parse_story(data, source: str = "<story>") -> Story:
+def parse_story(data, source: str = "<story>", strict: bool = False) -> Story:
     """A Story from an already decoded JSON value; `source` names it in messages."""
-    return _Checker(source).story(data)
+    return _Checker(source, strict).story(data)
 
 
-def load_story(path: str | os.PathLike) -> Story:
-    """Read and check a story script. Raises StoryError with the file, the JSON path and a fix."""
+class _NumberError(ValueError):
+    pass
+
+
+def _no_constant(name: str):
+    raise _NumberError(f"{name} is no JSON number; write a finite number")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _NumberError(f"an integer of {len(text.lstrip('-'))} digits; no number here needs more than "
+                           f"{MAX_INT_DIGITS}")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NumberError(f"the number {text[:40]} is too large (it reads as infinity); write a finite number")
+    return value
+
+
+def load_story(path: str | os.PathLike, strict: bool = False) -> Story:
+    """Read and check a story script. Raises StoryError with the file, the JSON path and a fix.
+    strict: unknown keys are errors instead of warnings."""
     source = os.fspath(path)
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:  # read at most the limit: a story may be /dev/zero
+            raw = f.read(MAX_STORY_BYTES + 1)
+        if len(raw) > MAX_STORY_BYTES:
+            raise StoryError(f"{source}: larger than {MAX_STORY_BYTES >> 20} MiB, far more than a story script; "
+                             "check the path (a story script is a small JSON file)")
     except FileNotFoundError:
         raise StoryError(f"{source}: no such file; check the path of the story script") from None
     except IsADirectoryError:
@@ -390,7 +465,10 @@ def load_story(path: str | os.PathLike) -> Story:
         raise StoryError(f"{source}: byte {e.start}: not UTF-8 text; save the script as UTF-8 JSON") from None
     if "\x00" in text:
         raise StoryError(f"{source}: holds NUL characters, so it is not a text file; save the script as UTF-8 JSON")
-    return parse_story(_decode(text, source), source)
+    return parse_story(_decode(text, source), source, strict)
+
+
+_NUMBER_HOOKS = dict(parse_constant=_no_constant, parse_int=_bounded_int, parse_float=_finite_float)
 
 
 # Byte order marks of encodings we refuse (checked before UTF-8; UTF-32 LE starts like UTF-16 LE).
@@ -403,17 +481,21 @@ def _decode(text: str, source: str):
     """JSON, else JSON5 (the reference's loader). On failure, the error of the parser that got
     further (by lines): a plain-JSON mistake keeps json's message, a JSON5 file its JSON5 position."""
     try:
-        return json.loads(text)
+        return json.loads(text, **_NUMBER_HOOKS)
     except json.JSONDecodeError as e:
         json_err = (e.lineno, e.colno, f"invalid JSON ({e.msg})")
+    except _NumberError as e:
+        raise StoryError(f"{source}: {e}") from None
     except RecursionError:
         raise StoryError(f"{source}: nested too deeply to be a story script; check the file") from None
     import json5
 
     try:
-        return json5.loads(text)
+        return json5.loads(text, **_NUMBER_HOOKS)
     except RecursionError:
         raise StoryError(f"{source}: nested too deeply to be a story script; check the file") from None
+    except _NumberError as e:
+        raise StoryError(f"{source}: {e}") from None
     except ValueError as e:
         m = _JSON5_ERROR.match(str(e).splitlines()[0] if str(e) else "")
         err = json_err

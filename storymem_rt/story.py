@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +31,13 @@ from safetensors.torch import load_file, save_file
 
 from .configs import (DEFAULT_FRAME_NUM, DEFAULT_MAX_MEMORY, DEFAULT_NEGATIVE_PROMPT, DEFAULT_SIZE, SamplingConfig,
                       read_json)
-from .errors import StoryMemError
+from .errors import NonFiniteLatentError, StoryMemError
+from .outdir import MANIFEST, STATE_DIR, STORYBOARD, OutputLock, keyframe_image, shot_video, story_video
 from .script import PlannedShot, PlanSettings, Story, check_continuations
 from .shot import KNOWN_FRAMES
 
 log = logging.getLogger("storymem_rt")
 
-MANIFEST = "render.json"
-STATE_DIR = "state"
 MANIFEST_VERSION = 1
 
 
@@ -82,6 +82,11 @@ class RenderSettings:
             raise ValueError(f"--max-memory-size must be >= 1, got {self.max_memory_size}")
         if not 0 <= self.fix <= self.max_memory_size:
             raise ValueError(f"--fix must be between 0 and --max-memory-size ({self.max_memory_size}), got {self.fix}")
+        numbers = {"guide_scale": self.guide_scale, "t2v_shift": self.t2v_shift, "m2v_shift": self.m2v_shift,
+                   "t2v_boundary": self.t2v_boundary, "m2v_boundary": self.m2v_boundary}
+        for name, value in numbers.items():
+            if not all(math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
+                raise ValueError(f"{name} must be finite, got {value!r}")
         known = KNOWN_FRAMES["mm2v" if self.plan.mm2v else "mi2v"]
         if self.frame_num <= known:
             raise ValueError(f"--frame-num {self.frame_num} leaves no new frames after {known} known frame(s)")
@@ -217,12 +222,18 @@ class StoryRenderer:
     models: a `storymem_rt.models.ModelSet`; selector: a `storymem_rt.keyframes.KeyframeSelector`.
     """
 
-    def __init__(self, models, selector, settings: RenderSettings, out_dir: str | Path, progress: bool = True):
+    def __init__(self, models, selector, settings: RenderSettings, out_dir: str | Path, progress: bool = True,
+                 wait: bool = False, on_wait=None, notes: dict | None = None):
         self.models = models
         self.selector = selector
         self.settings = settings
         self.out = Path(out_dir)
         self.progress = progress
+        # The output folder's lock: wait for another render instead of refusing (on_wait(holder)
+        # is told once). notes: recorded in render.json as "notes" (e.g. the tiny bundle's).
+        self.wait = wait
+        self.on_wait = on_wait
+        self.notes = notes
         self.device = models.device
         self.dtype = models.dtype
         self._cond_latents: dict = {}
@@ -245,9 +256,34 @@ class StoryRenderer:
                 raise StoryMemError(
                     f"{self.out} holds a render with different settings ({'; '.join(diffs[:4])}); "
                     "rerun with the same options to resume, or pick another --out")
-            return old
-        return {"version": MANIFEST_VERSION, "story": story.name, "settings": settings, "plan": shots,
-                "shots": {}, "final": None}
+            return self._newer_state_manifest(old)
+        new = {"version": MANIFEST_VERSION, "story": story.name, "settings": settings, "plan": shots,
+               "shots": {}, "final": None}
+        return self._newer_state_manifest(new)
+
+    def _newer_state_manifest(self, manifest: dict) -> dict:
+        """The state file carries the manifest it was saved with. When render.json could not be
+        written after it (a full disk, a kill between the two renames), the state is one shot
+        ahead, and its shot's files are on disk: continue from the state's manifest, so the
+        memory bank and the manifest agree."""
+        p = self.out / STATE_DIR / "memory.safetensors"
+        if not p.is_file():
+            return manifest
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), "pt") as f:
+                saved = json.loads((f.metadata() or {}).get("state", "{}")).get("manifest")
+        except Exception:  # an unreadable state is reported by _load_state, when it is needed
+            return manifest
+        if (isinstance(saved, dict) and saved.get("settings") == manifest["settings"]
+                and saved.get("plan") == manifest["plan"] and set(manifest["shots"]) < set(saved.get("shots", {}))
+                and all((self.out / r["video"]).is_file() for r in saved["shots"].values())):
+            log.info("%s: the state is ahead of %s: continuing from the state's record", self.out, MANIFEST)
+            # Timings are not in the state (they would make its bytes differ between runs).
+            manifest["shots"] = {k: {**r, "timings": manifest["shots"].get(k, {}).get("timings", {})}
+                                 for k, r in saved["shots"].items()}
+        return manifest
 
     def _save_state(self, manifest: dict, bank: MemoryBank, last_frames: torch.Tensor | None) -> None:
         from .media import remove_stale_temp_files
@@ -258,7 +294,10 @@ class StoryRenderer:
         tensors, meta = bank.state()
         if last_frames is not None:
             tensors["last_frames"] = last_frames.contiguous()
-        _atomic_safetensors(state_dir / "memory.safetensors", tensors, {"entries": json.dumps(meta)})
+        _atomic_safetensors(state_dir / "memory.safetensors", tensors,
+                            # One metadata key: safetensors writes several in a random order, and equal
+                            # renders must give equal state files.
+                            {"state": json.dumps({"entries": meta, "manifest": _commit_record(manifest)})})
         # The manifest is written last: a shot counts as done only once its state is on disk.
         _atomic_json(self._manifest_path(), manifest)
 
@@ -267,7 +306,9 @@ class StoryRenderer:
         from safetensors import safe_open
 
         with safe_open(str(p), "pt") as f:
-            meta = json.loads(f.metadata()["entries"])
+            saved = f.metadata()
+            # "entries" alone: a state written before the manifest was recorded in it.
+            meta = json.loads(saved["state"])["entries"] if "state" in saved else json.loads(saved["entries"])
         tensors = load_file(str(p))
         bank = MemoryBank.from_state(tensors, meta, self.settings.fix, self.settings.max_memory_size, self.device)
         return bank, tensors.get("last_frames")
@@ -328,6 +369,17 @@ class StoryRenderer:
     # ---- the loop
 
     def render(self, story: Story, plan: list[PlannedShot]) -> dict:
+        """Render (or resume) the story into the output folder, which it owns meanwhile
+        (`storymem_rt.outdir.OutputLock`); returns the manifest."""
+        self._bars = []
+        with OutputLock(self.out, wait=self.wait, on_wait=self.on_wait):
+            try:
+                return self._render(story, plan)
+            finally:
+                for b in self._bars:  # an error line must start on a line of its own
+                    b.close()
+
+    def _render(self, story: Story, plan: list[PlannedShot]) -> dict:
         from .media import concat_videos, remove_stale_temp_files, save_image, write_video
         from .shot import ShotSpec, generate_shot, synced_clock
 
@@ -339,6 +391,8 @@ class StoryRenderer:
         plan = [dataclasses.replace(p, frames=s.frame_num) if p.frames is None else p for p in plan]
         check_continuations(plan, story.source)
         manifest = self._load_manifest(story, plan)
+        if self.notes is not None:
+            manifest["notes"] = self.notes
         done = manifest["shots"]
         todo = [p for p in plan if p.id not in done]
         timings_total: dict[str, float] = {}
@@ -367,6 +421,7 @@ class StoryRenderer:
                 self.add_reference_images(bank, list(s.plan.reference_images))
                 self._save_state(manifest, bank, None)
         bar = _bar(total=len(plan), initial=len(plan) - len(todo), desc="shots", enabled=self.progress)
+        self._bars.append(bar)
         for shot in todo:
             kind = "t2v" if shot.mode == "t2v" else "m2v"
             spec = ShotSpec(mode=shot.mode, prompt=shot.prompt, seed=shot.seed, size=s.size,
@@ -387,26 +442,31 @@ class StoryRenderer:
             cond = self.cond_latent(s.size, shot.frames) if kind == "m2v" else None
             steps = _bar(total=s.sample_steps, desc=f"shot {shot.id} ({shot.mode})", enabled=self.progress,
                          leave=False)
-            res = generate_shot(experts, self.models.vae, spec, contexts[shot.prompt],
-                                contexts[s.negative_prompt], memory_latents=mem, known=known,
-                                cond_latent=cond, device=self.device, dtype=self.dtype, progress=steps,
-                                cfg=self.models.backend.cfg, cuda_graph=self.models.backend.cuda_graph)
-            steps.close()
+            try:
+                res = generate_shot(experts, self.models.vae, spec, contexts[shot.prompt],
+                                    contexts[s.negative_prompt], memory_latents=mem, known=known,
+                                    cond_latent=cond, device=self.device, dtype=self.dtype, progress=steps,
+                                    cfg=self.models.backend.cfg, cuda_graph=self.models.backend.cuda_graph)
+            except NonFiniteLatentError as e:
+                e.shot = shot.id
+                raise
+            finally:
+                steps.close()  # an error line must start on a line of its own
             t.update(res.timings)
             video = res.video[:, spec.known_frames:]  # MI2V drops 1 frame, MM2V 5 (StoryMem pipeline.py)
             t0 = clock()
             frames_u8 = to_uint8(video)
-            write_video(self.out / f"{shot.id}.mp4", frames_u8, fps=s.fps)
+            write_video(self.out / shot_video(shot.id), frames_u8, fps=s.fps)
             t["write"] = clock() - t0
             t0 = clock()
             picked = self.add_keyframes(bank, shot.id, frames_u8)
             for j, i in enumerate(picked):
-                save_image(self.out / f"{shot.id}_keyframe{j}.png", frames_u8[i])
+                save_image(self.out / keyframe_image(shot.id, j), frames_u8[i])
             t["keyframes"] = clock() - t0
             last_frames = frames_u8[-max(KNOWN_FRAMES.values()):].cpu().clone()
             done[shot.id] = {"index": shot.index, "mode": shot.mode, "seed": shot.seed, "prompt": shot.prompt,
                              "memory": memory_ids, "keyframes": [f"{shot.id}:{i}" for i in picked],
-                             "frames": int(frames_u8.shape[0]), "video": f"{shot.id}.mp4", **res.counts,
+                             "frames": int(frames_u8.shape[0]), "video": shot_video(shot.id), **res.counts,
                              "timings": {k: round(v, 4) for k, v in t.items()}}
             for k, v in t.items():
                 timings_total[k] = timings_total.get(k, 0.0) + v
@@ -416,12 +476,12 @@ class StoryRenderer:
 
         # Final story video: exactly this story's shots, in plan order.
         shots = [self.out / done[p.id]["video"] for p in plan]
-        final = self.out / f"{_slug(story.name)}.mp4"
+        final = self.out / story_video(story.name)
         t0 = clock()
         concat_videos(shots, final, fps=s.fps)
         self.storyboard(story, plan, done, bank)
         timings_total["final"] = clock() - t0
-        manifest["final"] = {"video": final.name, "storyboard": "storyboard.png",
+        manifest["final"] = {"video": final.name, "storyboard": STORYBOARD,
                              "frames": sum(done[p.id]["frames"] for p in plan)}
         manifest["timings_this_run"] = {k: round(v, 4) for k, v in timings_total.items()}
         _atomic_json(self._manifest_path(), manifest)
@@ -448,12 +508,14 @@ class StoryRenderer:
         total = sum(done[p.id]["frames"] for p in plan)
         title = (f"{story.name}: {len(plan)} shot{'s' * (len(plan) != 1)}, {total} frames "
                  f"({total / self.settings.fps:.1f} s)")
-        render_storyboard(rows, self.out / "storyboard.png", title=title)
+        render_storyboard(rows, self.out / STORYBOARD, title=title)
 
 
-def _slug(name: str) -> str:
-    keep = "".join(c if c.isalnum() or c in "-_" else "_" for c in name.strip())
-    return keep.strip("_")[:60] or "story"
+def _commit_record(manifest: dict) -> dict:
+    """What the state file records of the manifest it commits: settings, plan and the finished
+    shots without their timings (equal frames must give equal state files)."""
+    return {"settings": manifest["settings"], "plan": manifest["plan"],
+            "shots": {k: {f: v for f, v in r.items() if f != "timings"} for k, r in manifest["shots"].items()}}
 
 
 def _bar(total: int, desc: str, enabled: bool, initial: int = 0, leave: bool = True):

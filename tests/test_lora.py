@@ -137,8 +137,10 @@ def test_lora_shape_mismatch_is_refused(golden, tmp_path):
 def test_wrong_rank_is_refused(golden):
     path = lora_path(golden, "high")
     r = load_lora(path).config.r
-    msg = refused(f"LoRA rank is {r}", load_lora, path, LoraConfig(r=2 * r, alpha=2 * r))
-    assert str(path) in msg and "lora_A.weight" in msg and f"r={2 * r}" in msg
+    msg = refused(f"the LoRA has rank {r}", load_lora, path, LoraConfig(r=2 * r, alpha=2 * r))
+    assert str(path) in msg and "lora_A.weight" in msg and f"--lora-rank {2 * r} was given" in msg
+    # The file is fine, the option is not: no download hint (issue 15).
+    assert f"pass --lora-rank {r}" in msg and "download" not in msg
 
 
 def test_unpaired_and_foreign_keys_are_refused(golden, tmp_path):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import rel_err
-from storymem_rt.sampling import Guidance, NonFiniteLatentError, expert_at, sample
+from storymem_rt.errors import NonFiniteLatentError
+from storymem_rt.sampling import Guidance, expert_at, sample
 from storymem_rt.schedulers import make_scheduler
 
 
@@ -67,5 +68,5 @@ def test_non_finite_latent_names_step_and_expert(expert, call):
     _, log, sched = _run(steps=12)
     names = [expert_at(float(t), 0.9) for t in sched.timesteps]
     step = [i for i, n in enumerate(names) if n == expert][call - 1]
-    assert e.value.step == step and e.value.expert == expert
+    assert e.value.step == step + 1 and e.value.expert == expert  # 1-based: the step after which it was bad
     assert f"step {step + 1} of 12" in str(e.value) and f"{expert}-noise expert" in str(e.value)

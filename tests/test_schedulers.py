@@ -133,3 +133,59 @@ def test_unipc_matches_diffusers_given_wan_sigmas():
         x_ours = ours.step(v, t, x_ours)
         x_ref = ref.step(v, t, x_ref).prev_sample
     assert rel_err(x_ours, x_ref) <= 1e-6
+
+
+# Every step count `--sample-steps` allows (1..MAX_SAMPLE_STEPS), at the shifts a render uses
+# (T2V 12, M2V 4): all of 1..130 (the repeated first timestep starts at 92 with shift 12), then a
+# stride through the rest and the maximum. A full sweep of 1..1000 takes minutes on 2 cores.
+_STEP_COUNTS = sorted({*range(1, 131), *range(131, 1001, 97), 334, 335, 336, 1000})
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_every_allowed_step_count_runs(solver):
+    from storymem_rt.configs import MAX_SAMPLE_STEPS
+
+    assert max(_STEP_COUNTS) == MAX_SAMPLE_STEPS
+    for shift in (12.0, 4.0):
+        for n in _STEP_COUNTS:
+            s = make_scheduler(solver, n, shift)
+            x = torch.ones(1, 2, 1, 1)
+            for t in s.timesteps:
+                x = s.step(torch.full_like(x, 0.5), t, x)
+            assert s.step_index == n and torch.isfinite(x).all(), (shift, n)
+
+
+def test_repeated_first_timestep_starts_at_step_zero():
+    """From 92 UniPC steps at shift 12 the int64 timesteps start 999, 999: the run must still take
+    step 0 first (Wan's lookup took the second hit and crashed on the last step)."""
+    s = make_scheduler("unipc", 92, 12.0)
+    assert s.timesteps[0] == s.timesteps[1] == 999
+    x = torch.randn(1, 4, 2, 2)
+    s.step(torch.randn_like(x), s.timesteps[0], x)
+    assert s.step_index == 1
+    with pytest.raises(ValueError, match="starts at the first timestep 999, got 998"):
+        make_scheduler("unipc", 92, 12.0).step(torch.randn_like(x), 998, x)
+
+
+def test_unipc_matches_diffusers_with_repeated_first_timestep():
+    """Past 92 steps at shift 12: equal to diffusers' UniPC pinned to begin index 0 (what its
+    pipelines do), at every step."""
+    from diffusers import UniPCMultistepScheduler
+
+    if "sigmas" not in inspect.signature(UniPCMultistepScheduler.set_timesteps).parameters:
+        pytest.skip("this diffusers' UniPCMultistepScheduler.set_timesteps takes no sigmas")
+    steps, shift = 100, 12.0
+    ref = UniPCMultistepScheduler(num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction",
+                                  use_flow_sigmas=True, flow_shift=shift, predict_x0=True, solver_type="bh2",
+                                  lower_order_final=True)
+    sigma_max = float(torch.tensor(0.999, dtype=torch.float32))
+    ref.set_timesteps(sigmas=np.linspace(sigma_max, 0, steps + 1)[:-1])
+    ref.set_begin_index(0)
+    ours = make_scheduler("unipc", steps, shift)
+    assert torch.equal(ours.timesteps, ref.timesteps.long()) and ours.timesteps[1] == 999
+    x_ours = x_ref = torch.randn(1, 16, 2, 4, 4)
+    for t in ours.timesteps:
+        v = torch.randn_like(x_ours)
+        x_ours = ours.step(v, t, x_ours)
+        x_ref = ref.step(v, t, x_ref).prev_sample
+        assert rel_err(x_ours, x_ref) <= 1e-6
