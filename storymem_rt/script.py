@@ -421,8 +421,10 @@ class _NumberError(ValueError):
     pass
 
 
-def _no_constant(name: str):
-    raise _NumberError(f"{name} is no JSON number; write a finite number")
+def _no_constant(name: str) -> float:
+    # NaN / Infinity literals (JSON5's, and Python's json's extension) parse as floats here, so that
+    # the field that holds one is named by the checker ("must be a finite number" and the like).
+    return float(name)
 
 
 def _bounded_int(text: str) -> int:

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -189,13 +189,19 @@ def _lora_state(expert_state: dict, r: int, seed: int, tag: str) -> dict[str, to
     return out
 
 
-def make_tiny_models(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write the tiny bundle into `out_dir` (built in a temp folder, renamed at the end)."""
+def _fresh_folder(out_dir: str | Path, overwrite: bool) -> Path:
+    """`out_dir`, emptied when `overwrite` (else FileExistsError if it holds anything)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True or pick another folder")
         shutil.rmtree(out_dir)
+    return out_dir
+
+
+def make_tiny_models(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write the tiny bundle into `out_dir` (built in a temp folder, renamed at the end)."""
+    out_dir = _fresh_folder(out_dir, overwrite)
     with atomic_dir(out_dir) as tmp:
         for name, model_type, in_dim in (("Wan2.2-T2V-A14B", "t2v", 16), ("Wan2.2-I2V-A14B", "i2v", 36)):
             root = tmp / name
@@ -284,11 +290,7 @@ def make_tiny_diffusers_models(out_dir: str | Path, seed: int = 0, overwrite: bo
     from .text_encoder import TextEncoder
     from .vae import WanVAE
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True or pick another folder")
-        shutil.rmtree(out_dir)
+    out_dir = _fresh_folder(out_dir, overwrite)
     with atomic_dir(out_dir) as tmp:
         src = make_tiny_models(tmp / "upstream", seed=seed)
         for name, (pipeline, boundary) in DIFFUSERS_PIPELINES.items():

@@ -177,3 +177,32 @@ def run_dit(model, case: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         y = case["y"][None] if "y" in case else None
         return model(case["x"][None], case["t"], case["context"][None], y)[0]
+
+
+def kill_after_shots(cmd: list[str], out: Path, shots: int, timeout: float, log: Path, cwd=None) -> None:
+    """Run a render subprocess and SIGKILL it as soon as render.json records `shots` finished shots."""
+    import signal
+    import subprocess
+    import time
+
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ))
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                assert proc.poll() is None, f"the render ended before shot {shots} was recorded"
+                assert time.monotonic() < deadline, f"shot {shots} was not recorded in time"
+                p = out / "render.json"
+                try:
+                    done = len(json.loads(p.read_text())["shots"]) if p.is_file() else 0
+                except ValueError:
+                    done = 0
+                if done >= shots:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+                time.sleep(0.02)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL

@@ -52,7 +52,7 @@ def _state(out, shots=None):
     path = str(out / "state" / "memory.safetensors")
     tensors = load_file(path)
     with safe_open(path, "pt") as f:
-        sources = [e["source"] for e in json.loads(f.metadata()["entries"])]
+        sources = [e["source"] for e in json.loads(f.metadata()["state"])["entries"]]
     keep = [i for i, src in enumerate(sources) if shots is None or src.split(":")[0] in shots]
     latents = torch.cat([tensors[f"latent.{i}"] for i in keep], dim=1)
     picks = {sid: s["keyframes"] for sid, s in manifest["shots"].items() if shots is None or sid in shots}

@@ -543,7 +543,7 @@ BAD_SCRIPTS = [
     ("raw-surrogate-bytes", '{"scenes": [{"scene_num": 1, "video_prompts": ["a \ud800"]}]}', "not UTF-8"),
     ("huge-integer", '{"scenes": [{"scene_num": ' + "9" * 5000 + ', "video_prompts": ["x"]}]}', "5000 digits"),
     ("long-scene-number", '{"scenes": [{"scene_num": ' + "9" * 30 + ', "video_prompts": ["x"]}]}', "at most 9999"),
-    ("nan", '{"scenes": [{"scene_num": NaN, "video_prompts": ["x"]}]}', "NaN is no JSON number"),
+    ("nan", '{"scenes": [{"scene_num": NaN, "video_prompts": ["x"]}]}', "scenes[0].scene_num: must be an integer, got a number NaN"),
     ("infinity-literal", '{"scenes": [{"scene_num": 1, "video_prompts": ["x"], "cut": [Infinity]}]}', "Infinity"),
     ("overflowing-float", '{"scenes": [{"scene_num": 1e999, "video_prompts": ["x"]}]}', "infinity"),
     ("huge-prompt", json.dumps({"scenes": [{"scene_num": 1, "video_prompts": ["a" * 30_000]}]}),

@@ -11,10 +11,8 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,9 +20,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import cli, inline_story, write_story
+from conftest import cli, inline_story, kill_after_shots, write_story
 from storymem_rt import storyboard as sb
-from storymem_rt.cli import main
 from storymem_rt.media import probe_video, read_video
 from storymem_rt.story import MemoryBank, MemoryEntry
 
@@ -267,23 +264,7 @@ def test_resume_after_sigkill_equals_uninterrupted(work, baseline):
     out = work / "killed"
     out.mkdir()
     cmd = _cli_cmd(work / "story3.json", out, STORY3_ARGS)
-    with open(out.parent / "killed.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-        try:
-            deadline = time.monotonic() + 240
-            while True:
-                assert proc.poll() is None, "the render ended before shot 2 was recorded"
-                assert time.monotonic() < deadline, "shot 2 was not recorded in time"
-                p = out / "render.json"
-                if p.is_file() and len(json.loads(p.read_text())["shots"]) >= 2:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    break
-                time.sleep(0.02)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_shots(cmd, out, 2, 240, out.parent / "killed.log", cwd=work)
     m = _manifest(out)
     assert sorted(m["shots"]) == ["01_01", "01_02"] and m["final"] is None
     assert not (out / "02_01.mp4").exists() and not (out / "Three_Shots.mp4").exists()

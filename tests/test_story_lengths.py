@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from PIL import Image
 from storymem_rt import storyboard as sb
 from storymem_rt.cli import main
 from storymem_rt.media import probe_video, read_video
+from conftest import kill_after_shots
 
 MIXED = {
     "story_name": "Mixed Lengths",
@@ -109,23 +108,7 @@ def test_mixed_lengths_mi2v(work):
 def test_mixed_lengths_resume_after_sigkill(work, mm2v_baseline):
     out = work / "killed"
     out.mkdir()
-    with open(work / "killed.log", "w") as log:
-        proc = subprocess.Popen(_cmd(work, out, "--mm2v"), stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-        try:
-            deadline = time.monotonic() + 400
-            while True:
-                assert proc.poll() is None, "the render ended before shot 2 was recorded"
-                assert time.monotonic() < deadline, "shot 2 was not recorded in time"
-                p = out / "render.json"
-                if p.is_file() and len(json.loads(p.read_text())["shots"]) >= 2:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    break
-                time.sleep(0.02)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_shots(_cmd(work, out, "--mm2v"), out, 2, 400, work / "killed.log")
     assert not (out / "02_01.mp4").exists()
     r = subprocess.run(_cmd(work, out, "--mm2v"), capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert r.returncode == 0, r.stderr
