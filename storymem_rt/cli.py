@@ -452,7 +452,7 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
         elif read_tiny_meta(Path(models)) is not None:  # a folder written by `make-tiny-models`
             root = Path(models)
     tiny = root is not None
-    notes = None
+    notes = tiny_note = None
     if tiny:
         meta = read_tiny_meta(root)
         d = meta["render_defaults"]
@@ -465,7 +465,7 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
             sample_steps = replaced["sample_steps"] = d["sample_steps"]
         notes = {"tiny_random_weights": True, "replaced_defaults": {k: list(v) if k == "size" else v
                                                                    for k, v in replaced.items()}}
-        click.echo(_tiny_note(root, replaced), err=True)
+        tiny_note = _tiny_note(root, replaced)  # printed once every check has passed
         paths = ModelPaths.from_models_dir(root)
         identity = f"tiny-v{meta['format']}-seed{meta['seed']}"
         shots = make_plan(plan, s, frame_num)  # the tiny bundle's default length for shots that give none
@@ -534,6 +534,8 @@ def render(story: Path, out_dir: Path | None, models: str, t2v_model, i2v_model,
     clip = random_clip(seed=0, device=dev) if tiny and clip_weights is None else load_clip(clip_weights, device=dev)
     selector = KeyframeSelector(clip, default_quality_scorer(not no_quality_filter, device=dev),
                                 max_keyframes=settings.max_keyframes, device=dev)
+    if tiny_note is not None:
+        click.echo(tiny_note, err=True)
     if progress is None:
         progress = sys.stderr.isatty()
     renderer = StoryRenderer(model_set, selector, settings, out_dir, progress=progress, wait=wait, notes=notes,

@@ -126,10 +126,18 @@ def sigterm_as_exception() -> Iterator[None]:
         return
 
     def handler(signum, frame):
+        if frame is not None and frame.f_code.co_name == "__del__":
+            # An exception raised inside a finalizer is printed and dropped, and the render would go
+            # on: raise it a moment later, once the finalizer has returned.
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            return
         raise Terminated()
 
     old = signal.signal(signal.SIGTERM, handler)
+    old_alarm = signal.signal(signal.SIGALRM, handler)
     try:
         yield
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGALRM, old_alarm)

@@ -87,7 +87,7 @@ def test_alpha_is_alpha_over_rank(tiny, pth_pairs, tmp_path):
     pth = load_lora(tiny / "StoryMem" / "Wan2.2-MI2V-A14B" / "backbone_high_noise.pth")
     assert torch.allclose(pth.merge(m + ".weight", w), w + math.sqrt(r) * (b @ a), atol=1e-5)
     # --lora-rank still checks the rank of a repack
-    with pytest.raises(CheckpointError, match="r=4 was given"):
+    with pytest.raises(CheckpointError, match="--lora-rank 4 was given"):
         load_lora(p, LoraConfig(r=4, alpha=4.0))
 
 

@@ -141,7 +141,7 @@ def test_unipc_matches_diffusers_given_wan_sigmas():
 _STEP_COUNTS = sorted({*range(1, 131), *range(131, 1001, 97), 334, 335, 336, 1000})
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", [s for s in SOLVERS if s != "distill"])  # distill: its step list decides
 def test_every_allowed_step_count_runs(solver):
     from storymem_rt.configs import MAX_SAMPLE_STEPS
 
