@@ -23,16 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_error, iter_safetensors
+from .checkpoint import checkpoint_error, iter_safetensors, rename_key
+from .diffusers_format import DIT_KEY_MAP
 
-# diffusers WanTransformer3DModel module names -> Wan's (for the LoRA-targeted modules and norms)
-_DIFFUSERS_MODULES = (
-    ("attn1.to_q", "self_attn.q"), ("attn1.to_k", "self_attn.k"), ("attn1.to_v", "self_attn.v"),
-    ("attn1.to_out.0", "self_attn.o"), ("attn2.to_q", "cross_attn.q"), ("attn2.to_k", "cross_attn.k"),
-    ("attn2.to_v", "cross_attn.v"), ("attn2.to_out.0", "cross_attn.o"), ("ffn.net.0.proj", "ffn.0"),
-    ("ffn.net.2", "ffn.2"), ("attn1.norm_q", "self_attn.norm_q"), ("attn1.norm_k", "self_attn.norm_k"),
-    ("attn2.norm_q", "cross_attn.norm_q"), ("attn2.norm_k", "cross_attn.norm_k"), ("norm2", "norm3"),
-)
 _PREFIXES = ("diffusion_model.", "transformer.", "base_model.model.", "model.")
 _SUFFIX = re.compile(r"^(?P<module>.+?)\.(?:(?P<lora>lora_(?:down|up|A|B))(?:\.[^.]+)?\.weight|(?P<other>alpha|diff|diff_b))$")
 _PART = {"lora_down": "down", "lora_A": "down", "lora_up": "up", "lora_B": "up"}
@@ -49,12 +42,9 @@ def _wan_module(module: str, modules: set[str]) -> str | None:
         return next((m for m in modules if m.replace(".", "_") == flat), None)
     if module in modules:
         return module
-    for d, w in _DIFFUSERS_MODULES:
-        if module.endswith("." + d):
-            cand = module[: -len(d)] + w
-            if cand in modules:
-                return cand
-    return None
+    # diffusers module names (attn1.to_q, ffn.net.0.proj, ...): the diffusers layout's own key map
+    cand = rename_key(module + ".weight", DIT_KEY_MAP).removesuffix(".weight")
+    return cand if cand in modules else None
 
 
 class DistillLora:

@@ -112,19 +112,26 @@ def test_dpmpp_schedule_formula():
     assert unipc_sigmas(n, shift)[0] < 1.0
 
 
-def test_unipc_matches_diffusers_given_wan_sigmas():
-    """diffusers' UniPC has the same step math; it matches once fed Wan's pre-shift sigmas
-    (a `set_timesteps(sigmas=...)` keyword that older diffusers releases lack)."""
+def _diffusers_unipc(steps: int, shift: float):
+    """diffusers' UniPC (bh2, order 2, flow prediction) fed Wan's pre-shift sigmas; skips the test where
+    this diffusers' `set_timesteps` takes no sigmas."""
     from diffusers import UniPCMultistepScheduler
 
     if "sigmas" not in inspect.signature(UniPCMultistepScheduler.set_timesteps).parameters:
         pytest.skip("this diffusers' UniPCMultistepScheduler.set_timesteps takes no sigmas")
-    steps, shift = 10, 5.0
     ref = UniPCMultistepScheduler(num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction",
                                   use_flow_sigmas=True, flow_shift=shift, predict_x0=True, solver_type="bh2",
                                   lower_order_final=True)
     sigma_max = float(torch.tensor(0.999, dtype=torch.float32))
     ref.set_timesteps(sigmas=np.linspace(sigma_max, 0, steps + 1)[:-1])
+    return ref
+
+
+def test_unipc_matches_diffusers_given_wan_sigmas():
+    """diffusers' UniPC has the same step math; it matches once fed Wan's pre-shift sigmas
+    (a `set_timesteps(sigmas=...)` keyword that older diffusers releases lack)."""
+    steps, shift = 10, 5.0
+    ref = _diffusers_unipc(steps, shift)
     ours = make_scheduler("unipc", steps, shift)
     assert torch.equal(ours.timesteps, ref.timesteps.long())
     x_ours = x_ref = torch.randn(1, 16, 2, 4, 4)
@@ -170,16 +177,8 @@ def test_repeated_first_timestep_starts_at_step_zero():
 def test_unipc_matches_diffusers_with_repeated_first_timestep():
     """Past 92 steps at shift 12: equal to diffusers' UniPC pinned to begin index 0 (what its
     pipelines do), at every step."""
-    from diffusers import UniPCMultistepScheduler
-
-    if "sigmas" not in inspect.signature(UniPCMultistepScheduler.set_timesteps).parameters:
-        pytest.skip("this diffusers' UniPCMultistepScheduler.set_timesteps takes no sigmas")
     steps, shift = 100, 12.0
-    ref = UniPCMultistepScheduler(num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction",
-                                  use_flow_sigmas=True, flow_shift=shift, predict_x0=True, solver_type="bh2",
-                                  lower_order_final=True)
-    sigma_max = float(torch.tensor(0.999, dtype=torch.float32))
-    ref.set_timesteps(sigmas=np.linspace(sigma_max, 0, steps + 1)[:-1])
+    ref = _diffusers_unipc(steps, shift)
     ref.set_begin_index(0)
     ours = make_scheduler("unipc", steps, shift)
     assert torch.equal(ours.timesteps, ref.timesteps.long()) and ours.timesteps[1] == 999
